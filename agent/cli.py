@@ -1,0 +1,99 @@
+"""Command-line entries: `kybernate agent ...`, `kybernate checkpoint list|inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from kybernate.agent.config import config_from_args
+from kybernate.errors import KybernateError
+from kybernate.shim.agent_client import DEFAULT_SOCKET, AgentClient
+
+
+def agent_main(argv: Sequence[str]) -> int:
+    """Run the node agent in the foreground (systemd runs it so)."""
+    try:
+        config = config_from_args(argv)
+    except KybernateError as exc:
+        print(f"kybernate agent: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kybernate.agent.daemon import serve
+
+    try:
+        asyncio.run(serve(config))
+    except KybernateError as exc:
+        logging.getLogger("kybernate.agent").error("agent failed: %s", exc)
+        return 1
+    return 0
+
+
+def _client_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, help="the agent's socket")
+    return parser
+
+
+def _format_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]
+    return str(size)
+
+
+def checkpoint_list_main(argv: Sequence[str]) -> int:
+    parser = _client_parser("kybernate checkpoint list", "List the checkpoints of this node's registry")
+    parser.add_argument("--state", choices=("staging", "committed", "failed"))
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args(list(argv))
+
+    async def run() -> int:
+        from google.protobuf.json_format import MessageToDict
+        from kybernate.protos import agent_pb2
+
+        async with AgentClient(args.socket) as client:
+            response = await client.list_checkpoints(agent_pb2.ListCheckpointsRequest(state=args.state or ""))
+        if args.json:
+            for record in response.checkpoints:
+                print(json.dumps(MessageToDict(record, preserving_proto_field_name=True), sort_keys=True))
+            return 0
+        print(f"{'ID':<28} {'NAME':<32} {'STATE':<10} {'TIER':<7} {'DIRTY':<6} {'SIZE':>10}  CONTAINER")
+        for r in response.checkpoints:
+            print(f"{r.id:<28} {r.name:<32} {r.state:<10} {r.tier:<7} {'yes' if r.dirty else 'no':<6}"
+                  f" {_format_size(r.size_bytes):>10}  {r.namespace}/{r.container_id}")
+        return 0
+
+    return _run_client(run)
+
+
+def checkpoint_inspect_main(argv: Sequence[str]) -> int:
+    parser = _client_parser("kybernate checkpoint inspect", "Show a checkpoint's record and metadata")
+    parser.add_argument("checkpoint", help="id or name")
+    args = parser.parse_args(list(argv))
+
+    async def run() -> int:
+        from google.protobuf.json_format import MessageToDict
+        from kybernate.protos import agent_pb2
+
+        async with AgentClient(args.socket) as client:
+            response = await client.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=args.checkpoint))
+        document = {"record": MessageToDict(response.record, preserving_proto_field_name=True),
+                    "metadata": json.loads(response.metadata_json) if response.metadata_json else None}
+        print(json.dumps(document, indent=2, sort_keys=True))
+        return 0
+
+    return _run_client(run)
+
+
+def _run_client(run: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    try:
+        return asyncio.run(run())
+    except KybernateError as exc:
+        print(f"kybernate: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,179 @@
+"""The commit protocol: a checkpoint either exists whole or not at all.
+
+A checkpoint is built in `<local_tier>/.staging-<id>` (same filesystem as its final
+place). `metadata.json` is written last and lists every file with its size and
+sha256; files and directory are fsynced, the directory is renamed to
+`<local_tier>/<id>`, and the parent is fsynced. No `metadata.json`, no checkpoint:
+`verify()` refuses anything missing, extra or altered, naming the file.
+
+Everything here is blocking file I/O; callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kybernate.errors import DataLoss, FailedPrecondition, Internal
+
+METADATA_FILE = "metadata.json"
+METADATA_FORMAT = 1
+STAGING_PREFIX = ".staging-"
+_CHUNK = 1 << 20
+
+
+def staging_path(local_tier: Path, checkpoint_id: str) -> Path:
+    return local_tier / f"{STAGING_PREFIX}{checkpoint_id}"
+
+
+def committed_path(local_tier: Path, checkpoint_id: str) -> Path:
+    return local_tier / checkpoint_id
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _payload_files(directory: Path) -> list[Path]:
+    """Every regular file under `directory` except metadata.json, as relative paths."""
+    files: list[Path] = []
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise DataLoss(f"checkpoint {directory}: {rel} is not a regular file")
+        if path.is_file() and rel.as_posix() != METADATA_FILE:
+            files.append(rel)
+    return files
+
+
+def manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} for every payload file."""
+    return {
+        rel.as_posix(): {"size": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
+        for rel in _payload_files(directory)
+    }
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_durably(path: Path, document: Mapping[str, Any]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        json.dump(document, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def commit(staging: Path, final: Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Seal `staging` and rename it to `final`; returns the metadata written.
+
+    `metadata` is everything but the file list, which is computed here from what
+    is actually on disk.
+    """
+    if (staging / METADATA_FILE).exists():
+        raise Internal(f"{staging} already has {METADATA_FILE}: refusing to commit twice")
+    if final.exists():
+        raise Internal(f"{final} already exists")
+    files = manifest(staging)
+    document = {**metadata, "format": METADATA_FORMAT, "files": files}
+    for rel in files:
+        _fsync_path(staging / rel)
+    for sub in sorted({p.parent for p in (staging / r for r in files)} - {staging}):
+        _fsync_path(sub)
+    # Last: its presence is what makes the directory a checkpoint.
+    write_json_durably(staging / METADATA_FILE, document)
+    _fsync_path(staging)
+    os.rename(staging, final)
+    _fsync_path(final.parent)
+    return document
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    path = directory / METADATA_FILE
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataLoss(f"checkpoint {directory}: {METADATA_FILE} is missing (the checkpoint never committed)") from None
+    except (OSError, ValueError) as exc:
+        raise DataLoss(f"checkpoint {directory}: {METADATA_FILE} is unreadable: {exc}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("files"), dict):
+        raise DataLoss(f"checkpoint {directory}: {METADATA_FILE} has no file list")
+    if document.get("format") != METADATA_FORMAT:
+        raise FailedPrecondition(
+            f"checkpoint {directory}: metadata format {document.get('format')!r} is not {METADATA_FORMAT}")
+    return document
+
+
+def criu_major(version: str) -> int | None:
+    head = version.strip().split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def verify(directory: Path, *, criu_version: str | None = None) -> dict[str, Any]:
+    """Check every file against metadata.json; returns the metadata.
+
+    Raises DataLoss naming the first file that is missing, extra, resized or
+    altered, and FailedPrecondition when the checkpoint was made by a CRIU of
+    another major version than `criu_version`.
+    """
+    if not directory.is_dir():
+        raise DataLoss(f"checkpoint directory {directory} does not exist")
+    document = read_metadata(directory)
+    expected: dict[str, Any] = document["files"]
+    present = {rel.as_posix() for rel in _payload_files(directory)}
+    if extra := sorted(present - expected.keys()):
+        raise DataLoss(f"checkpoint {directory}: unexpected file {extra[0]} (not in {METADATA_FILE})")
+    for rel, entry in sorted(expected.items()):
+        path = directory / rel
+        if rel not in present:
+            raise DataLoss(f"checkpoint {directory}: file {rel} is missing")
+        if path.stat().st_size != entry.get("size"):
+            raise DataLoss(f"checkpoint {directory}: file {rel} has size {path.stat().st_size},"
+                           f" expected {entry.get('size')}")
+        if sha256_file(path) != entry.get("sha256"):
+            raise DataLoss(f"checkpoint {directory}: file {rel} failed its sha256 check")
+    if criu_version is not None:
+        recorded = str(document.get("host", {}).get("criu_version", ""))
+        if criu_major(recorded) != criu_major(criu_version):
+            raise FailedPrecondition(
+                f"checkpoint {directory} was made by CRIU {recorded or 'unknown'}; this node has CRIU"
+                f" {criu_version} (major versions differ)")
+    return document
+
+
+def export(final: Path, destination: Path) -> None:
+    """Make the committed files available at containerd's `path` so it packs them.
+
+    Hard links when on the same filesystem (no copy, and the committed files are
+    never written again), copies otherwise.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    for path in sorted(final.rglob("*")):
+        if not path.is_file():
+            continue
+        target = destination / path.relative_to(final)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target.unlink()
+        try:
+            os.link(path, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            shutil.copy2(path, target)

@@ -1,0 +1,254 @@
+"""Agent configuration: a TOML file, then command-line flags on top.
+
+Example (every key optional):
+
+    socket = "/run/kybernate/agent.sock"
+    state_dir = "/var/lib/kybernate/agent"
+    local_tier = "/var/lib/kybernate/checkpoints"
+
+    [cuda]
+    backend = "auto"            # auto, driver, tool, fake
+    fake_dir = ""               # fake backend only
+    lock_timeout_ms = 10000
+
+    [checkpoint]
+    open_tcp = false            # default when a request leaves it unset
+    leave_running = true        # default when a request leaves `exit` unset
+    memory_budget_bytes = 0     # host memory that dumps may hold at once; 0: total RAM
+    min_free_bytes = 1073741824 # refuse a checkpoint leaving less free disk
+
+    [s3]
+    endpoint_url = "http://127.0.0.1:9000"
+    bucket = "checkpoints"
+    prefix = "node-a/"
+    region = "us-east-1"
+    access_key_id = ""          # empty: boto3's usual chain (env, profile, role)
+    secret_access_key = ""
+    max_attempts = 5
+    backoff_base_s = 0.5
+    backoff_max_s = 30.0
+    promote_interval_s = 60.0
+
+    [metrics]
+    port = 0                    # 0: no metrics endpoint
+
+    [debug]
+    hold_after_phase = { dumped = 30.0 }   # fault injection for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kybernate.errors import InvalidArgument
+
+CUDA_BACKENDS = ("auto", "driver", "tool", "fake")
+PHASE_NAMES = ("accepted", "gpu_locked", "gpu_checkpointed", "frozen", "dumped", "resumed", "committed")
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Config:
+    bucket: str
+    endpoint_url: str | None = None
+    prefix: str = ""
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    max_attempts: int = 5
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    promote_interval_s: float = 60.0
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    socket: Path = Path("/run/kybernate/agent.sock")
+    state_dir: Path = Path("/var/lib/kybernate/agent")
+    local_tier: Path = Path("/var/lib/kybernate/checkpoints")
+    cuda_backend: str = "auto"
+    cuda_fake_dir: Path | None = None
+    gpu_lock_timeout_ms: int = 10_000
+    default_open_tcp: bool = False
+    default_leave_running: bool = True
+    memory_budget_bytes: int = 0
+    min_free_bytes: int = 1 << 30
+    s3: S3Config | None = None
+    metrics_port: int = 0
+    debug_hold_after_phase: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry.db"
+
+    @property
+    def work_root(self) -> Path:
+        """CRIU work directories (dump.log), one per checkpoint in flight."""
+        return self.state_dir / "work"
+
+    @property
+    def failed_root(self) -> Path:
+        """Logs of failed checkpoints, kept for the operator."""
+        return self.state_dir / "failed-checkpoints"
+
+
+def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"config: [{name}] must be a table")
+    return value
+
+
+def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = table.get(key)
+    if value is None:
+        return None
+    # bool is an int in Python; refuse `true` where a number is meant.
+    wrong_bool = isinstance(value, bool) and kind is not bool
+    if wrong_bool or not isinstance(value, kind):
+        raise InvalidArgument(f"config: {where}{key} = {value!r} has the wrong type")
+    return value
+
+
+_KNOWN = {
+    "": {"socket", "state_dir", "local_tier", "cuda", "checkpoint", "s3", "metrics", "debug"},
+    "cuda": {"backend", "fake_dir", "lock_timeout_ms"},
+    "checkpoint": {"open_tcp", "leave_running", "memory_budget_bytes", "min_free_bytes"},
+    "s3": {"endpoint_url", "bucket", "prefix", "region", "access_key_id", "secret_access_key",
+           "max_attempts", "backoff_base_s", "backoff_max_s", "promote_interval_s"},
+    "metrics": {"port"},
+    "debug": {"hold_after_phase"},
+}
+
+
+def _refuse_unknown(data: Mapping[str, Any]) -> None:
+    for key in data:
+        if key not in _KNOWN[""]:
+            raise InvalidArgument(f"config: unknown key {key!r}")
+    for section, keys in _KNOWN.items():
+        if section and isinstance(data.get(section), Mapping):
+            for key in data[section]:
+                if key not in keys:
+                    raise InvalidArgument(f"config: unknown key [{section}] {key!r}")
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> AgentConfig:
+    """Build and validate a config from parsed TOML."""
+    _refuse_unknown(data)
+    fields: dict[str, Any] = {}
+    for key in ("socket", "state_dir", "local_tier"):
+        if (value := _typed(data, key, str, "")) is not None:
+            fields[key] = Path(value)
+
+    cuda = _section(data, "cuda")
+    if (backend := _typed(cuda, "backend", str, "[cuda] ")) is not None:
+        fields["cuda_backend"] = backend
+    if fake_dir := _typed(cuda, "fake_dir", str, "[cuda] "):
+        fields["cuda_fake_dir"] = Path(fake_dir)
+    if (timeout := _typed(cuda, "lock_timeout_ms", int, "[cuda] ")) is not None:
+        fields["gpu_lock_timeout_ms"] = timeout
+
+    ckpt = _section(data, "checkpoint")
+    if (open_tcp := _typed(ckpt, "open_tcp", bool, "[checkpoint] ")) is not None:
+        fields["default_open_tcp"] = open_tcp
+    if (leave := _typed(ckpt, "leave_running", bool, "[checkpoint] ")) is not None:
+        fields["default_leave_running"] = leave
+    for key in ("memory_budget_bytes", "min_free_bytes"):
+        if (value := _typed(ckpt, key, int, "[checkpoint] ")) is not None:
+            fields[key] = value
+
+    s3 = _section(data, "s3")
+    if s3:
+        bucket = _typed(s3, "bucket", str, "[s3] ")
+        if not bucket:
+            raise InvalidArgument("config: [s3] needs a bucket")
+        s3_fields: dict[str, Any] = {"bucket": bucket}
+        for key in ("endpoint_url", "prefix", "region", "access_key_id", "secret_access_key"):
+            if (value := _typed(s3, key, str, "[s3] ")) is not None:
+                s3_fields[key] = value if key == "prefix" else (value or None)
+        if (attempts := _typed(s3, "max_attempts", int, "[s3] ")) is not None:
+            s3_fields["max_attempts"] = attempts
+        for key in ("backoff_base_s", "backoff_max_s", "promote_interval_s"):
+            if (value := _typed(s3, key, (int, float), "[s3] ")) is not None:
+                s3_fields[key] = float(value)
+        fields["s3"] = S3Config(**s3_fields)
+
+    metrics = _section(data, "metrics")
+    if (port := _typed(metrics, "port", int, "[metrics] ")) is not None:
+        fields["metrics_port"] = port
+
+    debug = _section(data, "debug")
+    holds = debug.get("hold_after_phase", {})
+    if not isinstance(holds, Mapping):
+        raise InvalidArgument("config: [debug] hold_after_phase must be a table of phase = seconds")
+    fields["debug_hold_after_phase"] = {str(k).lower(): float(v) for k, v in holds.items()}
+
+    return validate(AgentConfig(**fields))
+
+
+def validate(config: AgentConfig) -> AgentConfig:
+    if config.cuda_backend not in CUDA_BACKENDS:
+        raise InvalidArgument(f"config: cuda backend {config.cuda_backend!r} is not one of {', '.join(CUDA_BACKENDS)}")
+    if config.cuda_backend == "fake" and config.cuda_fake_dir is None:
+        raise InvalidArgument("config: the fake cuda backend needs fake_dir")
+    if config.gpu_lock_timeout_ms <= 0:
+        raise InvalidArgument("config: lock_timeout_ms must be positive")
+    if config.memory_budget_bytes < 0 or config.min_free_bytes < 0:
+        raise InvalidArgument("config: byte limits cannot be negative")
+    if not 0 <= config.metrics_port < 65536:
+        raise InvalidArgument(f"config: metrics port {config.metrics_port} is out of range")
+    for phase, seconds in config.debug_hold_after_phase.items():
+        if phase not in PHASE_NAMES:
+            raise InvalidArgument(f"config: hold_after_phase names unknown phase {phase!r}")
+        if seconds < 0:
+            raise InvalidArgument(f"config: hold_after_phase {phase} is negative")
+    if config.s3 is not None and config.s3.max_attempts < 1:
+        raise InvalidArgument("config: [s3] max_attempts must be at least 1")
+    for path in (config.socket, config.state_dir, config.local_tier):
+        if not path.is_absolute():
+            raise InvalidArgument(f"config: {path} must be an absolute path")
+    return config
+
+
+def load_file(path: Path) -> AgentConfig:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise InvalidArgument(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config file {path}: {exc}") from None
+    return config_from_mapping(data)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file")
+    parser.add_argument("--socket", type=Path, help="gRPC unix socket path")
+    parser.add_argument("--state-dir", type=Path, help="registry and work directories")
+    parser.add_argument("--local-tier", type=Path, help="directory of committed checkpoints")
+    parser.add_argument("--cuda-backend", choices=CUDA_BACKENDS)
+    parser.add_argument("--cuda-fake-dir", type=Path)
+    parser.add_argument("--metrics-port", type=int)
+
+
+def config_from_args(argv: Sequence[str]) -> AgentConfig:
+    """Parse `kybernate agent` flags: the file first, flags override it."""
+    parser = argparse.ArgumentParser(prog="kybernate agent", description="Kybernate node agent")
+    add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    config = load_file(args.config) if args.config else AgentConfig()
+    overrides: dict[str, Any] = {}
+    for flag, field in (("socket", "socket"), ("state_dir", "state_dir"), ("local_tier", "local_tier"),
+                        ("cuda_backend", "cuda_backend"), ("cuda_fake_dir", "cuda_fake_dir"),
+                        ("metrics_port", "metrics_port")):
+        if (value := getattr(args, flag)) is not None:
+            overrides[field] = value
+    return validate(dataclasses.replace(config, **overrides))

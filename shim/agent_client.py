@@ -1,0 +1,137 @@
+"""The shim's client of the node agent (kybernate.agent.v1.Agent over a unix socket).
+
+grpc is imported on first use only: a shim that never checkpoints, pauses a GPU
+container or restores never pays its import time and memory.
+
+Errors come back as kybernate.errors types rebuilt from the gRPC status; a socket
+that cannot be reached is Unavailable, naming the socket.
+
+Checkpoint streams one `CheckpointProgress` per phase. When the pipeline fails the
+last message has phase FAILED and `container_state` (UNTOUCHED, RESTORED, EXITED
+or MUST_KILL: the shim must SIGKILL the container), and then the iterator raises
+the error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from kybernate.errors import (
+    DeadlineExceeded,
+    KybernateError,
+    StatusCode,
+    Unavailable,
+    error_from_status,
+)
+
+if TYPE_CHECKING:
+    from kybernate.protos import agent_pb2
+
+DEFAULT_SOCKET = "/run/kybernate/agent.sock"
+
+
+class AgentClient:
+    """One channel to the agent; use as `async with AgentClient(path) as client:`."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] = DEFAULT_SOCKET, *,
+                 connect_timeout: float = 3.0) -> None:
+        self.socket_path = Path(socket_path)
+        self._connect_timeout = connect_timeout
+        self._channel: Any = None
+        self._stub: Any = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+    async def _connected(self) -> Any:
+        if self._stub is not None:
+            return self._stub
+        import asyncio
+
+        import grpc
+        from kybernate.protos import agent_pb2_grpc
+
+        if not self.socket_path.exists():
+            raise Unavailable(f"kybernate agent socket {self.socket_path} does not exist (is the agent running?)")
+        channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}")
+        try:
+            await asyncio.wait_for(channel.channel_ready(), self._connect_timeout)
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            await channel.close()
+            raise Unavailable(f"kybernate agent at {self.socket_path} is unreachable: {exc or 'timed out'}") from None
+        self._channel = channel
+        self._stub = agent_pb2_grpc.AgentStub(channel)
+        return self._stub
+
+    def _error(self, exc: Any) -> KybernateError:
+        code = exc.code()
+        number = code.value[0] if code is not None else StatusCode.UNKNOWN
+        details = exc.details() or ""
+        if number == StatusCode.UNAVAILABLE:
+            return Unavailable(f"kybernate agent at {self.socket_path}: {details or 'unavailable'}")
+        if number == StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(f"kybernate agent at {self.socket_path}: {details or 'deadline exceeded'}")
+        return error_from_status(number, details)
+
+    async def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
+        import grpc
+
+        stub = await self._connected()
+        try:
+            return await getattr(stub, method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+
+    async def checkpoint(self, request: agent_pb2.CheckpointRequest, *,
+                         timeout: float | None = None) -> AsyncIterator[agent_pb2.CheckpointProgress]:
+        import grpc
+
+        stub = await self._connected()
+        call = stub.Checkpoint(request, timeout=timeout)
+        try:
+            async for progress in call:
+                yield progress
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()  # a caller that stops iterating early must not leave the stream open
+
+    async def prepare_restore(self, request: agent_pb2.PrepareRestoreRequest, *,
+                              timeout: float | None = None) -> agent_pb2.PrepareRestoreResponse:
+        return await self._unary("PrepareRestore", request, timeout)
+
+    async def complete_restore(self, request: agent_pb2.CompleteRestoreRequest, *,
+                               timeout: float | None = None) -> agent_pb2.CompleteRestoreResponse:
+        return await self._unary("CompleteRestore", request, timeout)
+
+    async def lock_gpu(self, request: agent_pb2.GpuLockRequest, *,
+                       timeout: float | None = None) -> agent_pb2.GpuLockResponse:
+        return await self._unary("LockGpu", request, timeout)
+
+    async def unlock_gpu(self, request: agent_pb2.GpuLockRequest, *,
+                         timeout: float | None = None) -> agent_pb2.GpuLockResponse:
+        return await self._unary("UnlockGpu", request, timeout)
+
+    async def list_checkpoints(self, request: agent_pb2.ListCheckpointsRequest, *,
+                               timeout: float | None = None) -> agent_pb2.ListCheckpointsResponse:
+        return await self._unary("ListCheckpoints", request, timeout)
+
+    async def inspect_checkpoint(self, request: agent_pb2.InspectCheckpointRequest, *,
+                                 timeout: float | None = None) -> agent_pb2.InspectCheckpointResponse:
+        return await self._unary("InspectCheckpoint", request, timeout)
+
+    async def status(self, *, timeout: float | None = None) -> agent_pb2.StatusResponse:
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("Status", agent_pb2.StatusRequest(), timeout)

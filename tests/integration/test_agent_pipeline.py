@@ -1,0 +1,591 @@
+"""The agent's checkpoint pipeline end to end: a real agent process, a real runc
+container, real CRIU; the fake CUDA backend stands in for the GPU.
+
+The container runs a counter in shell memory (written to /tmp/count each tick) and
+one long-lived "CUDA" process (the fake backend's environment marker, set on that
+process alone so the counter's short-lived children are not CUDA processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kybernate.agent.cli import checkpoint_inspect_main, checkpoint_list_main
+from kybernate.errors import DeadlineExceeded, KybernateError
+from kybernate.protos import agent_pb2
+from kybernate.shim.agent_client import AgentClient
+
+from tests.support.bundle import make_bundle
+from tests.unit.test_agent_storage import S3Server
+
+pytestmark = pytest.mark.integration
+
+COUNTER = (
+    "KYBERNATE_FAKE_CUDA=$CUDA_TOKEN sleep 1000000 & "
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+)
+# A loopback TCP connection inside the container: CRIU refuses it without tcp_established.
+TCP_PAIR = (
+    "(sleep 1000000 | nc -l -p 9000 >/dev/null) & sleep 0.3; "
+    "(sleep 1000000 | nc 127.0.0.1 9000 >/dev/null) & "
+)
+ALL_PHASES = ["ACCEPTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FROZEN", "DUMPED", "RESUMED", "COMMITTED"]
+
+
+@dataclass
+class AgentProcess:
+    root: Path
+    socket: Path
+    local_tier: Path
+    state_dir: Path
+    fake_dir: Path
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kybernate.agent", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 30
+        while not self._accepting():  # a killed agent leaves its socket file behind
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"agent did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    def _accepting(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def _write_config(agent: AgentProcess, extra: str = "") -> None:
+    agent.config_path.write_text(f"""
+socket = "{agent.socket}"
+state_dir = "{agent.state_dir}"
+local_tier = "{agent.local_tier}"
+[cuda]
+backend = "fake"
+fake_dir = "{agent.fake_dir}"
+lock_timeout_ms = 1500
+[checkpoint]
+min_free_bytes = 0
+{extra}
+""")
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=f"kyb-agent-it-{os.getpid()}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _agent(workdir: Path, node: str = "agent") -> AgentProcess:
+    agent = AgentProcess(root=workdir, socket=workdir / f"{node}.sock", local_tier=workdir / f"{node}-tier",
+                         state_dir=workdir / f"{node}-state", fake_dir=workdir / "fake-cuda",
+                         config_path=workdir / f"{node}.toml", log_path=workdir / f"{node}.log")
+    _write_config(agent)
+    return agent
+
+
+@pytest.fixture
+def agent(workdir: Path) -> Iterator[AgentProcess]:
+    agent = _agent(workdir)
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
+class Container:
+    """A runc container with its own runc root and cgroup; stdio are pipes we hold."""
+
+    def __init__(self, workdir: Path, prelude: str = "", *, overlay: bool = False) -> None:
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.id = f"kyb-agent-{tag}"
+        self.runc_root = workdir / "runc-root"
+        self.bundle = workdir / "bundle"
+        self.token = f"tok-{tag}"
+        make_bundle(self.bundle, ["sh", "-c", prelude + COUNTER], cgroups_path=f"/kyb-agent-test-{tag}")
+        spec = json.loads((self.bundle / "config.json").read_text())
+        spec["process"]["env"].append(f"CUDA_TOKEN={self.token}")
+        (self.bundle / "config.json").write_text(json.dumps(spec))
+        self._pipes: list[int] = []
+        self.pid = 0
+        self.upper: Path | None = None
+        if overlay:  # as containerd's snapshotter does: the rootfs is an overlay mount
+            lower, self.upper, work = (workdir / "lower", workdir / "upper", workdir / "overlay-work")
+            (self.bundle / "rootfs").rename(lower)
+            for d in (self.upper, work, self.bundle / "rootfs"):
+                d.mkdir()
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                            f"lowerdir={lower},upperdir={self.upper},workdir={work}",
+                            str(self.bundle / "rootfs")], check=True)
+
+    def _stdio(self) -> tuple[int, int, int]:
+        stdin_r, stdin_w = os.pipe()
+        out_r, out_w = os.pipe()
+        self._pipes += [stdin_r, stdin_w, out_r, out_w]
+        return stdin_r, out_w, out_w
+
+    def runc(self, *args: str, stdio: tuple[int, int, int] | None = None) -> subprocess.CompletedProcess[bytes]:
+        stdin, stdout, stderr = stdio or (subprocess.DEVNULL, subprocess.PIPE, subprocess.PIPE)
+        return subprocess.run(["runc", "--root", str(self.runc_root), *args], stdin=stdin, stdout=stdout,
+                              stderr=stderr, timeout=60, check=False)
+
+    def run(self) -> None:
+        pid_file = self.bundle.parent / "init.pid"
+        result = self.runc("run", "-d", "--pid-file", str(pid_file), "--bundle", str(self.bundle), self.id,
+                            stdio=self._stdio())
+        assert result.returncode == 0, f"runc run failed: {result.stderr!r}"
+        self.pid = int(pid_file.read_text())
+
+    def restore(self, image_dir: Path) -> None:
+        pid_file = self.bundle.parent / "restored.pid"
+        work = self.bundle.parent / "restore-work"
+        work.mkdir(exist_ok=True)
+        stdio = self._stdio()
+        log = self.bundle.parent / "restore.out"
+        with log.open("wb") as out:
+            result = subprocess.run(
+                ["runc", "--root", str(self.runc_root), "restore", "--detach", "--image-path", str(image_dir),
+                 "--work-path", str(work), "--bundle", str(self.bundle), "--pid-file", str(pid_file), self.id],
+                stdin=stdio[0], stdout=stdio[1], stderr=out, timeout=120, check=False)
+        restore_log = work / "restore.log"
+        assert result.returncode == 0, (
+            f"runc restore failed: {log.read_text()}\n{restore_log.read_text() if restore_log.exists() else ''}")
+        self.pid = int(pid_file.read_text())
+
+    def status(self) -> str:
+        result = self.runc("state", self.id)
+        return json.loads(result.stdout)["status"] if result.returncode == 0 else "absent"
+
+    def count(self) -> int:
+        text = (self.bundle / "rootfs" / "tmp" / "count").read_text().strip()
+        return int(text) if text else 0
+
+    def wait_count(self, at_least: int, timeout: float = 20) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = self.count()
+            except (OSError, ValueError):
+                value = -1
+            if value >= at_least:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"counter stuck at {value}, wanted {at_least}")
+            time.sleep(0.05)
+
+    def delete(self) -> None:
+        self.runc("delete", "--force", self.id)
+
+    def close(self) -> None:
+        # A frozen container cannot be killed until thawed; force-delete thaws it.
+        self.delete()
+        for fd in self._pipes:
+            os.close(fd)
+        self._pipes = []
+        if self.upper is not None:
+            subprocess.run(["umount", "-l", str(self.bundle / "rootfs")], check=False)
+            self.upper = None
+
+
+@pytest.fixture
+def container(workdir: Path) -> Iterator[Container]:
+    box = Container(workdir)
+    try:
+        box.run()
+        yield box
+    finally:
+        box.close()
+
+
+def _request(box: Container, *, exit: bool, name: str, destination: Path | None = None,
+             **options: object) -> agent_pb2.CheckpointRequest:
+    return agent_pb2.CheckpointRequest(
+        container_id=box.id, namespace="default", bundle=str(box.bundle), runc_root=str(box.runc_root),
+        init_pid=box.pid, destination=str(destination or ""), name=name, image_ref="busybox:test",
+        labels={"test": "agent-pipeline"},
+        options=agent_pb2.CheckpointOptions(exit=exit, **options))
+
+
+async def _checkpoint(agent: AgentProcess, request: agent_pb2.CheckpointRequest
+                      ) -> tuple[list[agent_pb2.CheckpointProgress], KybernateError | None]:
+    seen: list[agent_pb2.CheckpointProgress] = []
+    async with AgentClient(agent.socket) as client:
+        try:
+            async for progress in client.checkpoint(request, timeout=120):
+                seen.append(progress)
+        except KybernateError as exc:
+            return seen, exc
+    return seen, None
+
+
+def _phases(seen: list[agent_pb2.CheckpointProgress]) -> list[str]:
+    return [agent_pb2.Phase.Name(p.phase) for p in seen]
+
+
+def _fake_events(agent: AgentProcess) -> list[dict[str, object]]:
+    path = agent.fake_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_checkpoint_leave_running_then_exit_and_runc_restore(agent: AgentProcess, container: Container,
+                                                              workdir: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    container.wait_count(10)
+    destination = workdir / "containerd-path"
+    seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-live",
+                                                          destination=destination)))
+    assert error is None, f"{error}\n{agent.log_path.read_text()}"
+    assert _phases(seen) == ALL_PHASES
+    assert [p.elapsed_ms for p in seen] == sorted(p.elapsed_ms for p in seen)
+    gpu_locked = seen[1]
+    assert len(gpu_locked.cuda_pids) == 1, "exactly the one marked process is a CUDA process"
+    committed = Path(seen[-1].local_path)
+    assert committed.parent == agent.local_tier and committed.name == seen[-1].checkpoint_id
+
+    # Still running, counting, and its GPU back in RUNNING state.
+    assert container.status() == "running"
+    before = container.count()
+    container.wait_count(before + 3)
+    events = [e for e in _fake_events(agent) if e["action"] in ("lock", "checkpoint", "restore", "unlock")]
+    assert [e["action"] for e in events] == ["lock", "checkpoint", "restore", "unlock"]
+    assert all(e["ok"] for e in events)
+    # GPU quiesced before the freeze, and restored after the thaw.
+    assert not any(e["frozen"] for e in events), events
+
+    metadata = json.loads((committed / "metadata.json").read_text())
+    assert metadata["container"]["id"] == container.id and metadata["container"]["image"] == "busybox:test"
+    assert metadata["host"]["kernel"] == os.uname().release
+    assert metadata["host"]["criu_version"].startswith("4.")
+    assert metadata["cuda"]["gpus"][0]["model"] == "Fake H100"
+    assert "inventory.img" in metadata["files"] and "descriptors.json" in metadata["files"]
+    assert set(metadata["timings_ms"]) >= {"accepted", "dumped", "resumed"}
+    # containerd's path got the same files (hard links on the same filesystem).
+    assert sorted(p.name for p in destination.iterdir()) == sorted(p.name for p in committed.iterdir())
+
+    # Now with exit: CRIU kills the tasks; stock runc restores our images.
+    value = container.wait_count(before + 5)
+    seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=True, name=f"{container.id}-exit")))
+    assert error is None, f"{error}\n{agent.log_path.read_text()}"
+    assert _phases(seen) == [p for p in ALL_PHASES if p != "RESUMED"]
+    assert container.status() == "stopped"
+    dumped_at = container.count()
+    assert dumped_at >= value
+    image_dir = Path(seen[-1].local_path)
+
+    async def prepare_and_restore() -> tuple[agent_pb2.PrepareRestoreResponse, agent_pb2.CompleteRestoreResponse]:
+        async with AgentClient(agent.socket) as client:
+            prepared = await client.prepare_restore(agent_pb2.PrepareRestoreRequest(checkpoint=f"{container.id}-exit"))
+            container.delete()
+            container.restore(Path(prepared.image_dir))
+            completed = await client.complete_restore(agent_pb2.CompleteRestoreRequest(
+                container_id=container.id, init_pid=container.pid, gpu_map=prepared.gpu_map))
+            return prepared, completed
+
+    prepared, completed = asyncio.run(prepare_and_restore())
+    assert Path(prepared.image_dir) == image_dir
+    assert dict(prepared.gpu_map) == {"GPU-fa4e0000-0000-4000-8000-000000000000":
+                                      "GPU-fa4e0000-0000-4000-8000-000000000000"}
+    assert len(completed.cuda_pids) == 1
+    assert container.status() == "running"
+    # The counter continues from where it was dumped, not from 1.
+    resumed = container.wait_count(dumped_at + 3)
+    assert resumed > dumped_at
+
+    async def listing() -> list[agent_pb2.CheckpointRecord]:
+        async with AgentClient(agent.socket) as client:
+            return list((await client.list_checkpoints(agent_pb2.ListCheckpointsRequest())).checkpoints)
+    records = {r.name: r for r in asyncio.run(listing())}
+    assert records[f"{container.id}-live"].state == "committed"
+    assert records[f"{container.id}-exit"].local_path == str(image_dir)
+
+    async def status() -> agent_pb2.StatusResponse:
+        async with AgentClient(agent.socket) as client:
+            return await client.status()
+    health = asyncio.run(status())
+    assert (health.cuda_backend, health.local_tier, health.remote_tier) == ("fake", str(agent.local_tier), "")
+    assert health.dirty_count == 0 and health.checkpoints_in_flight == 0
+    socket_mode = os.stat(agent.socket)
+    assert (stat.S_IMODE(socket_mode.st_mode), socket_mode.st_uid) == (0o600, 0), "root-only socket"
+
+    # The `kybernate checkpoint list|inspect` entries print the same registry.
+    capsys.readouterr()
+    assert checkpoint_list_main(["--socket", str(agent.socket), "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["name"] for r in listed} == {f"{container.id}-live", f"{container.id}-exit"}
+    assert checkpoint_inspect_main(["--socket", str(agent.socket), f"{container.id}-exit"]) == 0
+    inspected = json.loads(capsys.readouterr().out)
+    assert inspected["metadata"]["options"]["exit"] is True
+    assert checkpoint_inspect_main(["--socket", str(agent.socket), "no-such-checkpoint"]) == 1
+    assert "no-such-checkpoint" in capsys.readouterr().err
+
+
+def test_paused_container_is_checkpointed_and_left_paused(agent: AgentProcess, container: Container) -> None:
+    """containerd's order: Pause (the shim locks the GPU, then freezes), Checkpoint, Resume."""
+    container.wait_count(3)
+
+    async def scenario() -> list[agent_pb2.CheckpointProgress]:
+        async with AgentClient(agent.socket) as client:
+            locked = await client.lock_gpu(agent_pb2.GpuLockRequest(container_id=container.id,
+                                                                    init_pid=container.pid))
+            assert len(locked.cuda_pids) == 1
+            assert container.runc("pause", container.id).returncode == 0
+            seen = [p async for p in client.checkpoint(_request(container, exit=False, name=f"{container.id}-p"))]
+            assert container.status() == "paused", "left as it came: paused, GPU locked"
+            assert container.runc("resume", container.id).returncode == 0
+            await client.unlock_gpu(agent_pb2.GpuLockRequest(container_id=container.id, init_pid=container.pid))
+            return seen
+
+    seen = asyncio.run(scenario())
+    assert _phases(seen) == ALL_PHASES
+    events = [e for e in _fake_events(agent) if e["ok"] and e["action"] in ("lock", "checkpoint", "restore", "unlock")]
+    # One lock (Pause's), one unlock (Resume's); the pipeline's lock found it locked already.
+    assert [e["action"] for e in events] == ["lock", "checkpoint", "restore", "unlock"]
+    assert container.status() == "running"
+    container.wait_count(container.count() + 3)
+
+
+def test_restore_refused_when_gpu_memory_does_not_fit(agent: AgentProcess, container: Container) -> None:
+    container.wait_count(2)
+    seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-fit")))
+    assert error is None, error
+    from kybernate.cuda.fake import FakeBackend
+    FakeBackend(agent.fake_dir).write_gpus([{"uuid": "GPU-fa4e0000-0000-4000-8000-000000000000",
+                                             "model": "Fake H100", "memory_total": 64 << 20}])
+
+    async def prepare() -> None:
+        async with AgentClient(agent.socket) as client:
+            await client.prepare_restore(agent_pb2.PrepareRestoreRequest(checkpoint=seen[-1].checkpoint_id))
+    with pytest.raises(KybernateError, match=r"not enough GPU memory on GPU .*need \d+, free \d+") as caught:
+        asyncio.run(prepare())
+    assert caught.value.code == 8  # ResourceExhausted
+
+
+def test_deadline_after_gpu_checkpoint_says_kill(workdir: Path, container: Container) -> None:
+    agent = _agent(workdir)
+    _write_config(agent, "[debug]\nhold_after_phase = { gpu_checkpointed = 10 }")
+    agent.start()
+    try:
+        container.wait_count(2)
+        seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-d",
+                                                              deadline_ms=1500)))
+        assert isinstance(error, DeadlineExceeded), error
+        assert "must be killed" in str(error)
+        assert _phases(seen) == ["ACCEPTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FAILED"]
+        assert seen[-1].container_state == agent_pb2.MUST_KILL
+    finally:
+        agent.stop()
+
+
+def test_gpu_lock_timeout_leaves_container_running(agent: AgentProcess, container: Container) -> None:
+    container.wait_count(3)
+    (agent.fake_dir / "hang-lock").write_text("")
+    try:
+        seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-t")))
+    finally:
+        (agent.fake_dir / "hang-lock").unlink(missing_ok=True)
+    assert isinstance(error, DeadlineExceeded), error
+    assert "1500 ms" in str(error) and "pid" in str(error)
+    assert _phases(seen) == ["ACCEPTED", "FAILED"]
+    assert seen[-1].container_state == agent_pb2.RESTORED
+    assert container.status() == "running"
+    container.wait_count(container.count() + 3)
+    assert not list(agent.local_tier.glob(".staging-*"))
+
+
+def test_criu_failure_resumes_container_and_keeps_dump_log(agent: AgentProcess, workdir: Path) -> None:
+    box = Container(workdir, prelude=TCP_PAIR)
+    try:
+        box.run()
+        box.wait_count(5)
+        seen, error = asyncio.run(_checkpoint(agent, _request(box, exit=False, name=f"{box.id}-tcp")))
+        assert error is not None and error.code == 13, error  # Internal, from CRIU
+        assert "TCP" in str(error) or "tcp" in str(error), str(error)
+        assert _phases(seen) == ["ACCEPTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FROZEN", "FAILED"]
+        assert seen[-1].container_state == agent_pb2.RESTORED
+        assert box.status() == "running"
+        box.wait_count(box.count() + 3)
+        actions = [e["action"] for e in _fake_events(agent)
+                   if e["ok"] and e["action"] in ("lock", "checkpoint", "restore", "unlock")]
+        assert actions == ["lock", "checkpoint", "restore", "unlock"], actions
+        checkpoint_id = seen[-1].checkpoint_id
+        assert (agent.state_dir / "failed-checkpoints" / checkpoint_id / "dump.log").is_file()
+        assert not (agent.local_tier / f".staging-{checkpoint_id}").exists()
+        assert not (agent.local_tier / checkpoint_id).exists()
+    finally:
+        box.close()
+
+
+def test_rootfs_diff_saves_the_writable_layer(agent: AgentProcess, workdir: Path) -> None:
+    box = Container(workdir, overlay=True)
+    try:
+        box.run()
+        box.wait_count(3)
+        seen, error = asyncio.run(_checkpoint(agent, _request(box, exit=True, name=f"{box.id}-diff",
+                                                              rootfs_diff=True)))
+        assert error is None, f"{error}\n{agent.log_path.read_text()}"
+        committed = Path(seen[-1].local_path)
+        listing = subprocess.run(["tar", "-tf", str(committed / "rootfs-diff.tar")], check=True,
+                                 capture_output=True, text=True).stdout.split()
+        assert "./tmp/count" in listing and "./bin/busybox" not in listing
+        assert "rootfs-diff.tar" in json.loads((committed / "metadata.json").read_text())["files"]
+    finally:
+        box.close()
+
+
+def test_rootfs_diff_without_overlay_is_refused_untouched(agent: AgentProcess, container: Container) -> None:
+    container.wait_count(2)
+    seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-nd",
+                                                          rootfs_diff=True)))
+    assert seen == [] and error is not None and error.code == 9  # FailedPrecondition, before ACCEPTED
+    assert "overlay" in str(error)
+    assert container.status() == "running"
+    assert not [e for e in _fake_events(agent) if e["action"] == "lock"]
+
+
+def test_tampered_checkpoint_is_refused_before_restore(agent: AgentProcess, container: Container) -> None:
+    container.wait_count(2)
+    seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-x")))
+    assert error is None, error
+    image_dir = Path(seen[-1].local_path)
+    copy = image_dir.parent / "copy-for-tamper"
+    shutil.copytree(image_dir, copy)
+    pages = min(copy.glob("pages-*.img"))
+    data = bytearray(pages.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pages.write_bytes(bytes(data))
+
+    async def prepare() -> None:
+        async with AgentClient(agent.socket) as client:
+            await client.prepare_restore(agent_pb2.PrepareRestoreRequest(directory=str(copy)))
+    with pytest.raises(KybernateError, match=pages.name) as caught:
+        asyncio.run(prepare())
+    assert caught.value.code == 15  # DataLoss
+    shutil.rmtree(copy)
+
+
+def test_agent_killed_mid_checkpoint_leaves_no_checkpoint(workdir: Path, container: Container) -> None:
+    agent = _agent(workdir)
+    _write_config(agent, "[debug]\nhold_after_phase = { frozen = 60 }")
+    agent.start()
+    try:
+        container.wait_count(2)
+
+        async def until_frozen() -> str:
+            async with AgentClient(agent.socket) as client:
+                async for progress in client.checkpoint(_request(container, exit=False, name=f"{container.id}-k")):
+                    if progress.phase == agent_pb2.FROZEN:
+                        return progress.checkpoint_id
+            raise AssertionError("stream ended before FROZEN")
+
+        checkpoint_id = asyncio.run(until_frozen())
+        assert (agent.local_tier / f".staging-{checkpoint_id}").is_dir()
+        agent.stop(signal.SIGKILL)
+        # The shim's job after a broken stream: kill the container (force-delete thaws it first).
+        container.delete()
+
+        agent.start()
+        assert not (agent.local_tier / f".staging-{checkpoint_id}").exists()
+        assert not (agent.local_tier / checkpoint_id).exists()
+
+        async def inspect() -> agent_pb2.InspectCheckpointResponse:
+            async with AgentClient(agent.socket) as client:
+                return await client.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=checkpoint_id))
+        response = asyncio.run(inspect())
+        assert response.record.state == "failed" and "stopped before" in response.record.error
+        assert response.metadata_json == ""
+    finally:
+        agent.stop()
+
+
+def test_upload_to_s3_and_restore_by_name_on_another_node(workdir: Path, container: Container) -> None:
+    s3 = S3Server()
+    s3.start()
+    node_a, node_b = _agent(workdir, "node-a"), _agent(workdir, "node-b")
+    bucket = f"kyb-agent-{os.getpid()}"
+    s3_section = (f'[s3]\nbucket = "{bucket}"\nendpoint_url = "{s3.url}"\nprefix = "ckpt/"\n'
+                  'region = "us-east-1"\naccess_key_id = "k"\nsecret_access_key = "s"\n'
+                  "backoff_base_s = 0.1\npromote_interval_s = 1.0\n")
+    try:
+        s3.make_bucket(bucket)
+        _write_config(node_a, s3_section)
+        _write_config(node_b, s3_section)
+        node_a.start()
+        container.wait_count(2)
+        name = f"{container.id}-s3"
+        seen, error = asyncio.run(_checkpoint(node_a, _request(container, exit=False, name=name)))
+        assert error is None, error
+
+        async def record(agent: AgentProcess) -> agent_pb2.CheckpointRecord:
+            async with AgentClient(agent.socket) as client:
+                response = await client.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=name))
+                return response.record
+        deadline = time.monotonic() + 30
+        while (row := asyncio.run(record(node_a))).dirty:
+            assert time.monotonic() < deadline, "checkpoint never uploaded"
+            time.sleep(0.2)
+        assert row.tier == "remote" and row.local_path, "uploaded, and still usable locally"
+
+        node_b.start()  # another node: empty registry and tier, same bucket
+
+        async def prepare() -> agent_pb2.PrepareRestoreResponse:
+            async with AgentClient(node_b.socket) as client:
+                return await client.prepare_restore(agent_pb2.PrepareRestoreRequest(checkpoint=name))
+        prepared = asyncio.run(prepare())
+        assert Path(prepared.image_dir) == node_b.local_tier / seen[-1].checkpoint_id
+        assert json.loads(prepared.metadata_json)["name"] == name
+        assert asyncio.run(record(node_b)).state == "committed"
+    finally:
+        node_a.stop()
+        node_b.stop()
+        s3.stop()
+
+
+def test_unreachable_agent_is_unavailable_naming_the_socket(workdir: Path) -> None:
+    socket_path = workdir / "nobody.sock"
+
+    async def call() -> None:
+        async with AgentClient(socket_path, connect_timeout=1) as client:
+            await client.status()
+    with pytest.raises(KybernateError, match=str(socket_path)) as caught:
+        asyncio.run(call())
+    assert caught.value.code == 14  # Unavailable

@@ -1,0 +1,106 @@
+"""The commit protocol: a checkpoint is whole or refused, naming what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from kybernate.agent import commit
+from kybernate.errors import DataLoss, FailedPrecondition, Internal
+
+METADATA = {"id": "c1", "name": "web-1", "host": {"criu_version": "4.2.1"}}
+
+
+def _staged(tmp_path: Path) -> tuple[Path, Path]:
+    staging = commit.staging_path(tmp_path, "c1")
+    staging.mkdir()
+    (staging / "pages-1.img").write_bytes(os.urandom(70_000))
+    (staging / "inventory.img").write_bytes(b"inventory")
+    (staging / "sub").mkdir()
+    (staging / "sub" / "nested.bin").write_bytes(b"x" * 10)
+    return staging, commit.committed_path(tmp_path, "c1")
+
+
+def test_commit_renames_and_lists_every_file(tmp_path: Path) -> None:
+    staging, final = _staged(tmp_path)
+    document = commit.commit(staging, final, METADATA)
+    assert not staging.exists() and final.is_dir()
+    assert set(document["files"]) == {"pages-1.img", "inventory.img", "sub/nested.bin"}
+    on_disk = json.loads((final / "metadata.json").read_text())
+    assert on_disk == document
+    assert on_disk["files"]["inventory.img"] == {"size": 9, "sha256": commit.sha256_file(final / "inventory.img")}
+    assert commit.verify(final, criu_version="4.3.0")["name"] == "web-1"
+
+
+def test_commit_refuses_existing_target(tmp_path: Path) -> None:
+    staging, final = _staged(tmp_path)
+    final.mkdir()
+    with pytest.raises(Internal):
+        commit.commit(staging, final, METADATA)
+    assert not (staging / "metadata.json").exists()
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda d: (d / "pages-1.img").write_bytes(b"\0" * 70_000), "pages-1.img"),  # same size, altered
+    (lambda d: (d / "inventory.img").write_bytes(b"inventorY"), "inventory.img"),
+    (lambda d: (d / "sub" / "nested.bin").write_bytes(b"short"), "sub/nested.bin"),  # resized
+    (lambda d: (d / "inventory.img").unlink(), "inventory.img"),  # missing
+    (lambda d: (d / "core-7.img").write_bytes(b"extra"), "core-7.img"),  # extra
+])
+def test_verify_refuses_tampering_naming_the_file(tmp_path: Path, damage, named: str) -> None:
+    staging, final = _staged(tmp_path)
+    commit.commit(staging, final, METADATA)
+    damage(final)
+    with pytest.raises(DataLoss, match=named.replace(".", r"\.")):
+        commit.verify(final)
+
+
+def test_verify_refuses_missing_metadata(tmp_path: Path) -> None:
+    staging, _ = _staged(tmp_path)
+    with pytest.raises(DataLoss, match="metadata.json is missing"):
+        commit.verify(staging)
+
+
+def test_verify_refuses_corrupt_metadata(tmp_path: Path) -> None:
+    staging, final = _staged(tmp_path)
+    commit.commit(staging, final, METADATA)
+    (final / "metadata.json").write_text("{not json")
+    with pytest.raises(DataLoss, match="unreadable"):
+        commit.verify(final)
+
+
+def test_verify_checks_criu_major(tmp_path: Path) -> None:
+    staging, final = _staged(tmp_path)
+    commit.commit(staging, final, METADATA)
+    with pytest.raises(FailedPrecondition, match="CRIU 4.2.1"):
+        commit.verify(final, criu_version="5.0")
+
+
+def test_export_links_on_same_filesystem(tmp_path: Path) -> None:
+    staging, final = _staged(tmp_path)
+    commit.commit(staging, final, METADATA)
+    destination = tmp_path / "containerd-path"
+    destination.mkdir()
+    commit.export(final, destination)
+    assert (destination / "sub" / "nested.bin").read_bytes() == b"x" * 10
+    assert (destination / "metadata.json").stat().st_ino == (final / "metadata.json").stat().st_ino
+    # What containerd packs verifies as the same checkpoint.
+    assert commit.verify(destination)["id"] == "c1"
+
+
+def test_export_copies_across_filesystems(tmp_path: Path) -> None:
+    staging, final = _staged(tmp_path)
+    commit.commit(staging, final, METADATA)
+    shm = Path("/dev/shm")
+    if os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.fail("test needs /dev/shm on another filesystem than the temp dir")
+    destination = shm / f"kyb-export-{os.getpid()}"
+    try:
+        commit.export(final, destination)
+        assert (destination / "pages-1.img").stat().st_ino != (final / "pages-1.img").stat().st_ino
+        commit.verify(destination)
+    finally:
+        import shutil
+        shutil.rmtree(destination, ignore_errors=True)
