@@ -1,0 +1,201 @@
+"""The `start` action: make (or find) the shim's socket and launch the serving process.
+
+containerd runs `start` in the bundle directory, reads everything it prints on stdout
+and stderr until both reach end of file, and connects to the printed address. So the
+serving process must hold neither pipe, and nothing but the address may be printed.
+
+Kept import-light on purpose (every container start pays for it): os, socket, hashlib,
+json; protobuf only when containerd sent create options on stdin.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import posixpath
+import socket
+import sys
+from pathlib import Path
+
+from kybernate.shim.main import ShimFlags  # already loaded: it is the entry point
+
+# containerd's defaults.DefaultStateDir + "/s": fixed, whatever --state containerd runs with.
+SOCKET_DIR = "/run/containerd/s"
+# Annotations that put several containers (a pod) behind one shim, in containerd's order.
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+ADDRESS_FILE = "address"
+OOM_SCORE_ADJ_MAX = 1000
+
+
+def go_path_join(*parts: str) -> str:
+    """Go's filepath.Join: drop empty parts, join with '/', then Clean."""
+    joined = posixpath.normpath("/".join(p for p in parts if p))
+    # POSIX normpath keeps a leading '//', Go's Clean does not.
+    return "/" + joined.lstrip("/") if joined.startswith("//") else joined
+
+
+def socket_address(containerd_address: str, namespace: str, group: str) -> str:
+    """The shim socket for a group, exactly as containerd's shim.SocketAddress names it."""
+    digest = hashlib.sha256(go_path_join(containerd_address, namespace, group).encode()).hexdigest()
+    return f"unix://{SOCKET_DIR}/{digest}"
+
+
+def socket_path(address: str) -> str:
+    if not address.startswith("unix://"):
+        raise ValueError(f"not a unix socket address: {address!r}")
+    return address[len("unix://"):]
+
+
+def shim_group(bundle: str, container_id: str) -> str:
+    """The id whose shim serves this container: a group annotation, else the id itself."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        return container_id
+    annotations = spec.get("annotations") or {}
+    for key in GROUP_ANNOTATIONS:
+        if annotations.get(key):
+            return str(annotations[key])
+    return container_id
+
+
+def can_connect(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def listen_unix(path: str) -> socket.socket:
+    """Bind and listen on `path` (mode 0600); EADDRINUSE propagates to the caller."""
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def write_address_file(bundle: str, address: str) -> None:
+    """Atomically write `address` in the bundle, as containerd's WriteAddress does."""
+    target = os.path.join(bundle, ADDRESS_FILE)
+    tmp = os.path.join(bundle, f".{ADDRESS_FILE}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(address)
+    os.replace(tmp, target)
+
+
+def read_stdin_options() -> bytes:
+    """The create options Any containerd writes on stdin (nothing when it has none)."""
+    try:
+        if os.isatty(0):
+            return b""
+        return sys.stdin.buffer.read()
+    except (OSError, ValueError, AttributeError):
+        return b""
+
+
+def adjust_oom_score(child_pid: int, parent_pid: int) -> None:
+    """Give the shim containerd's oom_score_adj + 1, so the OOM killer prefers the shim."""
+    parent_score = int(Path(f"/proc/{parent_pid}/oom_score_adj").read_text().strip())
+    score = min(parent_score + 1, OOM_SCORE_ADJ_MAX)
+    Path(f"/proc/{child_pid}/oom_score_adj").write_text(str(score))
+
+
+def move_to_cgroup(pid: int, cgroup: str) -> None:
+    """Put `pid` in the cgroup named by the `shim_cgroup` option (v2 or every v1 hierarchy)."""
+    root = Path("/sys/fs/cgroup")
+    relative = cgroup.strip("/")
+    if (root / "cgroup.controllers").exists():
+        targets = [root / relative]
+    else:
+        targets = [h / relative for h in sorted(root.iterdir())
+                   if h.is_dir() and not h.is_symlink() and (h / "cgroup.procs").exists()]
+    joined = 0
+    for target in targets:
+        procs = target / "cgroup.procs"
+        if not procs.exists():
+            continue
+        procs.write_text(str(pid))
+        joined += 1
+    if not joined:
+        raise FileNotFoundError(f"shim cgroup {cgroup!r} does not exist")
+
+
+def spawn_server(flags: ShimFlags, sock: socket.socket) -> int:
+    """Start `python -m kybernate.shim ... serve` in its own session, holding `sock`."""
+    sock_fd = sock.fileno()
+    os.set_inheritable(sock_fd, True)
+    serve_flags = flags.replace(bundle=os.path.abspath(flags.bundle_path), socket_fd=sock_fd,
+                                action="serve")
+    argv = [sys.executable, "-I", "-m", "kybernate.shim", *serve_flags.to_argv(), "serve"]
+    env = dict(os.environ)
+    env.setdefault("TTRPC_ADDRESS", flags.ttrpc_address)
+    env.setdefault("NAMESPACE", flags.namespace)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        # containerd waits for EOF on our stdout/stderr: the server must not hold them.
+        actions = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]
+        return os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)
+    finally:
+        os.close(devnull)
+
+
+def start(flags: ShimFlags) -> str:
+    """Run the `start` action; returns the address containerd should connect to."""
+    if not flags.id:
+        raise ValueError("-id is required for start")
+    if not flags.address:
+        raise ValueError("-address is required for start")
+    bundle = flags.bundle_path
+    address = socket_address(flags.address, flags.namespace, shim_group(bundle, flags.id))
+    path = socket_path(address)
+    try:
+        sock = listen_unix(path)
+    except OSError as err:
+        if err.errno != errno.EADDRINUSE:
+            raise
+        if can_connect(path):
+            # A shim already serves this group (a pod): share it.
+            write_address_file(bundle, address)
+            return address
+        os.unlink(path)  # stale: its server is gone
+        sock = listen_unix(path)
+
+    child_pid = 0
+    try:
+        write_address_file(bundle, address)
+        shim_cgroup = ""
+        options_bytes = read_stdin_options()
+        if options_bytes:
+            from kybernate.shim.options import decode_create_options_bytes
+
+            shim_cgroup = decode_create_options_bytes(options_bytes).shim_cgroup
+        child_pid = spawn_server(flags, sock)
+        if shim_cgroup:
+            move_to_cgroup(child_pid, shim_cgroup)
+        adjust_oom_score(child_pid, os.getppid())
+    except BaseException:
+        if child_pid:
+            try:
+                os.kill(child_pid, 9)
+            except ProcessLookupError:
+                pass
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        sock.close()
+    return address
