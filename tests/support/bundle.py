@@ -13,34 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-BUSYBOX = Path(shutil.which("busybox") or "/bin/busybox")
-
-
-def make_rootfs(root: Path, extra_files: dict[str, bytes] | None = None) -> Path:
-    """Populate `root` with busybox, its applet links, and the files `/etc` needs."""
-    for sub in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "var", "run"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    applets = subprocess.run(
-        [str(BUSYBOX), "--list-full"], check=True, capture_output=True, text=True
-    ).stdout.split()
-    for applet in applets:
-        link = root / applet
-        if applet == "bin/busybox" or link.exists():
-            continue
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to("/bin/busybox")
-    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
-    (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    (root / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
-    os.chmod(root / "tmp", 0o1777)
-    for rel, data in (extra_files or {}).items():
-        path = root / rel.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        path.chmod(0o755)
-    return root
-
+from kybernate.sandbox.images import make_rootfs
 
 def default_spec(args: list[str], *, terminal: bool = False, cgroups_path: str | None = None) -> dict[str, Any]:
     """runc's default spec (`runc spec`), with our args and a writable rootfs."""
