@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from kybernate.sandbox.images import make_rootfs
+from kybernate.sandbox.images import BUSYBOX, make_rootfs  # noqa: F401  (re-exported for tests)
 
 def default_spec(args: list[str], *, terminal: bool = False, cgroups_path: str | None = None) -> dict[str, Any]:
     """runc's default spec (`runc spec`), with our args and a writable rootfs."""
