@@ -5,7 +5,7 @@ and stderr until both reach end of file, and connects to the printed address. So
 serving process must hold neither pipe, and nothing but the address may be printed.
 
 Kept import-light on purpose (every container start pays for it): os, socket, hashlib,
-json; protobuf only when containerd sent create options on stdin.
+json (no pathlib, no typing); protobuf only when containerd sent create options on stdin.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import posixpath
 import socket
 import sys
-from pathlib import Path
 
 from kybernate.shim.main import ShimFlags  # already loaded: it is the entry point
 
@@ -27,6 +26,7 @@ SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 ADDRESS_FILE = "address"
 OOM_SCORE_ADJ_MAX = 1000
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def go_path_join(*parts: str) -> str:
@@ -107,29 +107,42 @@ def read_stdin_options() -> bytes:
 
 def adjust_oom_score(child_pid: int, parent_pid: int) -> None:
     """Give the shim containerd's oom_score_adj + 1, so the OOM killer prefers the shim."""
-    parent_score = int(Path(f"/proc/{parent_pid}/oom_score_adj").read_text().strip())
+    with open(f"/proc/{parent_pid}/oom_score_adj") as f:
+        parent_score = int(f.read().strip())
     score = min(parent_score + 1, OOM_SCORE_ADJ_MAX)
-    Path(f"/proc/{child_pid}/oom_score_adj").write_text(str(score))
+    with open(f"/proc/{child_pid}/oom_score_adj", "w") as f:
+        f.write(str(score))
 
 
 def move_to_cgroup(pid: int, cgroup: str) -> None:
     """Put `pid` in the cgroup named by the `shim_cgroup` option (v2 or every v1 hierarchy)."""
-    root = Path("/sys/fs/cgroup")
+    root = CGROUP_ROOT
     relative = cgroup.strip("/")
-    if (root / "cgroup.controllers").exists():
-        targets = [root / relative]
+    if os.path.exists(os.path.join(root, "cgroup.controllers")):
+        targets = [os.path.join(root, relative)]
     else:
-        targets = [h / relative for h in sorted(root.iterdir())
-                   if h.is_dir() and not h.is_symlink() and (h / "cgroup.procs").exists()]
+        hierarchies = (os.path.join(root, name) for name in sorted(os.listdir(root)))
+        targets = [os.path.join(h, relative) for h in hierarchies
+                   if os.path.isdir(h) and not os.path.islink(h)
+                   and os.path.exists(os.path.join(h, "cgroup.procs"))]
     joined = 0
     for target in targets:
-        procs = target / "cgroup.procs"
-        if not procs.exists():
+        procs = os.path.join(target, "cgroup.procs")
+        if not os.path.exists(procs):
             continue
-        procs.write_text(str(pid))
+        with open(procs, "w") as f:
+            f.write(str(pid))
         joined += 1
     if not joined:
         raise FileNotFoundError(f"shim cgroup {cgroup!r} does not exist")
+
+
+def server_environment(flags: ShimFlags) -> dict[str, str]:
+    """The serving process's environment: containerd's, as `start` received it."""
+    env = dict(os.environ)
+    env.setdefault("TTRPC_ADDRESS", flags.ttrpc_address)
+    env.setdefault("NAMESPACE", flags.namespace)
+    return env
 
 
 def spawn_server(flags: ShimFlags, sock: socket.socket) -> int:
@@ -139,16 +152,78 @@ def spawn_server(flags: ShimFlags, sock: socket.socket) -> int:
     serve_flags = flags.replace(bundle=os.path.abspath(flags.bundle_path), socket_fd=sock_fd,
                                 action="serve")
     argv = [sys.executable, "-I", "-m", "kybernate.shim", *serve_flags.to_argv(), "serve"]
-    env = dict(os.environ)
-    env.setdefault("TTRPC_ADDRESS", flags.ttrpc_address)
-    env.setdefault("NAMESPACE", flags.namespace)
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         # containerd waits for EOF on our stdout/stderr: the server must not hold them.
         actions = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]
-        return os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)
+        return os.posix_spawn(sys.executable, argv, server_environment(flags),
+                              file_actions=actions, setsid=True)
     finally:
         os.close(devnull)
+        os.set_inheritable(sock_fd, False)  # nothing else we start may hold it
+
+
+def launch_server(flags: ShimFlags, sock: socket.socket) -> int:
+    """The serving process for `sock`: forked by the template when one runs (and then
+    moved into our cgroups, where a spawned child would be born), else spawned, with a
+    template launched in the background for the next container."""
+    from kybernate.shim import template
+
+    env = server_environment(flags)
+    try:
+        pid = template.fork_from_template(flags, sock, env)
+    except template.TemplateRefused:
+        pid = None
+    if pid is None:
+        pid = spawn_server(flags, sock)
+        template.launch_template(flags)
+        return pid
+    try:
+        join_own_cgroups(pid)
+    except BaseException:
+        os.kill(pid, 9)
+        raise
+    return pid
+
+
+def cgroup_mounts() -> list[tuple[frozenset[str], str, str]]:
+    """Mounted cgroup hierarchies as (super options, mount point, root within the
+    hierarchy); a v2 mount has the options {""} so that it matches v2's empty
+    controller list in /proc/PID/cgroup."""
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype = fields[sep + 1]
+            if fstype not in ("cgroup", "cgroup2"):
+                continue
+            options = frozenset({""}) if fstype == "cgroup2" else \
+                frozenset(fields[sep + 3].split(","))
+            mounts.append((options, fields[4].replace("\\040", " "), fields[3]))
+    return mounts
+
+
+def join_own_cgroups(pid: int) -> None:
+    """Move `pid` into every cgroup (v1 hierarchies and v2) this process is in."""
+    with open("/proc/self/cgroup") as f:
+        mine = f.read()
+    with open(f"/proc/{pid}/cgroup") as f:
+        if f.read() == mine:
+            return
+    mounts = cgroup_mounts()
+    for line in mine.splitlines():
+        _, controllers, path = line.split(":", 2)
+        wanted = frozenset(controllers.split(","))
+        mount = next((m for m in mounts if wanted <= m[0]), None)
+        if mount is None:
+            continue  # a hierarchy not mounted here
+        _, mount_point, root = mount
+        if root != "/" and (path == root or path.startswith(root + "/")):
+            path = path[len(root):] or "/"
+        procs = posixpath.join(mount_point, path.lstrip("/"), "cgroup.procs")
+        with open(procs, "w") as f:
+            f.write(str(pid))
 
 
 def start(flags: ShimFlags) -> str:
@@ -181,7 +256,7 @@ def start(flags: ShimFlags) -> str:
             from kybernate.shim.options import decode_create_options_bytes
 
             shim_cgroup = decode_create_options_bytes(options_bytes).shim_cgroup
-        child_pid = spawn_server(flags, sock)
+        child_pid = launch_server(flags, sock)
         if shim_cgroup:
             move_to_cgroup(child_pid, shim_cgroup)
         adjust_oom_score(child_pid, os.getppid())

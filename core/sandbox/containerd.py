@@ -36,6 +36,19 @@ DISABLED_PLUGINS = (
 )
 
 
+def _kybernate_shim_action(argv: list[bytes]) -> str | None:
+    """The action of a `python -m kybernate.shim ... ACTION` command line, else None."""
+    from kybernate.shim.main import UsageError, parse_flags
+
+    if b"kybernate.shim" not in argv:
+        return None
+    words = [a.decode(errors="replace") for a in argv[argv.index(b"kybernate.shim") + 1:]]
+    try:
+        return parse_flags(words).action
+    except UsageError:
+        return ""
+
+
 class ContainerdError(AssertionError):
     """The private containerd did not come up or misbehaved; carries its log tail."""
 
@@ -87,6 +100,7 @@ class Containerd:
             with contextlib.suppress(Exception):
                 forced += self._remove_all_containers()
         self._terminate_containerd()
+        self._stop_templates()
         forced += self._kill_leftover_shims()
         forced += self._delete_leftover_runc_containers()
         forced += self._unmount_under(self.base)
@@ -155,9 +169,8 @@ class Containerd:
 
     # ---- what belongs to this instance ---------------------------------------------
 
-    def shim_pids(self) -> list[int]:
-        """Every live process started as a shim of this containerd (any runtime)."""
-        pids = []
+    def _processes_with_address(self) -> list[tuple[int, list[bytes]]]:
+        found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -165,12 +178,21 @@ class Containerd:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if self.address.encode() not in argv:
-                continue
-            joined = b" ".join(argv)
-            if b"containerd-shim" in joined or b"kybernate.shim" in joined:
-                pids.append(int(entry.name))
-        return pids
+            if self.address.encode() in argv:
+                found.append((int(entry.name), argv))
+        return found
+
+    def shim_pids(self) -> list[int]:
+        """Every live process started as a shim of this containerd (any runtime); the
+        Kybernate shim's forking template is not one (see `template_pids`)."""
+        return [pid for pid, argv in self._processes_with_address()
+                if b"containerd-shim" in b" ".join(argv)
+                or _kybernate_shim_action(argv) not in (None, "template")]
+
+    def template_pids(self) -> list[int]:
+        """The Kybernate shim's forking template for this containerd, when one runs."""
+        return [pid for pid, argv in self._processes_with_address()
+                if _kybernate_shim_action(argv) == "template"]
 
     def runc_root(self) -> Path:
         return RUNC_STATE_BASE / self.namespace
@@ -241,6 +263,27 @@ class Containerd:
             forced.append(f"container {container_id}")
             self.ctr("containers", "rm", container_id, timeout=30)
         return forced
+
+    def _stop_templates(self) -> None:
+        """The template outlives containers by design (it idles, then exits): stop it
+        with its containerd, and remove its socket even when it had to be killed."""
+        from kybernate.shim.template import template_socket_path
+
+        interpreters = {sys.executable}
+        for pid, argv in self._processes_with_address():
+            if _kybernate_shim_action(argv) == "template":
+                interpreters.add(argv[0].decode(errors="replace"))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while self.template_pids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in self.template_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for interpreter in interpreters:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(template_socket_path(self.address, interpreter))
 
     def _kill_leftover_shims(self) -> list[str]:
         forced = []
