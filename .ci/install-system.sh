@@ -10,7 +10,8 @@ criu_ok() { command -v criu >/dev/null && criu --version 2>/dev/null | grep -qE 
 have_all() {
   criu_ok && command -v containerd >/dev/null && command -v runc >/dev/null \
     && command -v busybox >/dev/null && command -v iptables-restore >/dev/null \
-    && [ -d /usr/share/gocode/src/github.com/containerd/containerd/api ]
+    && [ -d /usr/share/gocode/src/github.com/containerd/containerd/api ] \
+    && /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null
 }
 if have_all; then
   echo "install-system: everything already present"
@@ -30,6 +31,9 @@ APT="apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-co
 apt-get update -q
 # bookworm's: never -t trixie for these (it would remove gdb and more)
 $APT iptables iproute2 tar gzip busybox-static
+# Debian's own Python runs the shim: it starts about 3x faster than a pyenv build
+# (measured: 21 vs 61 ms for `python -I -c pass`), and every container pays two starts.
+$APT python3 python3-venv
 $APT -t trixie containerd runc criu
 $APT criu/sid
 # containerd's own .proto files, for the field-by-field wire test (bookworm's is 1.6,

@@ -394,16 +394,21 @@ class CheckpointPipeline:
                                      f"{stderr.decode(errors='replace').strip()}")
 
     async def _bring_back(self) -> None:
-        """Thaw, CUDA restore and unlock: the state the container had before the request."""
+        """After a successful dump that leaves the container running."""
+        await self._return_to_entry_state()
+        self._advance(ContainerCondition.RESTORED)
+
+    async def _return_to_entry_state(self) -> None:
+        """Thaw, CUDA restore, then the state the container had when the request came:
+        running and unlocked, or (containerd pauses before Checkpoint) frozen with the
+        GPU lock our Pause took, so that containerd's Resume finds what it paused."""
         assert self._cgroup is not None
         await self._cgroup.thaw(FREEZE_TIMEOUT_S)
         await self._deps.gpu.restore(self._cuda_pids)
         if self._was_frozen:
-            # It came paused, and our Pause had locked its GPU: leave it so for Resume.
             await self._cgroup.freeze(FREEZE_TIMEOUT_S)
         else:
             await self._deps.gpu.unlock(self._cuda_pids)
-        self._advance(ContainerCondition.RESTORED)
 
     async def _commit(self, inventory: dict[str, Any]) -> None:
         plan, deps = self._plan, self._deps
@@ -454,9 +459,7 @@ class CheckpointPipeline:
             return agent_pb2.MUST_KILL
         try:
             async with asyncio.timeout(FREEZE_TIMEOUT_S):
-                assert self._cgroup is not None
-                await self._cgroup.thaw(FREEZE_TIMEOUT_S)
-                await self._deps.gpu.return_to_running(self._cuda_pids)
+                await self._return_to_entry_state()
         except Exception as exc:  # noqa: BLE001 - whatever failed, its state is now unknown
             log.error("checkpoint %s: could not bring container %s back: %s",
                       self._plan.checkpoint_id, self._plan.container_id, exc)

@@ -50,11 +50,6 @@ class GpuControl:
     async def unlock(self, pids: list[int]) -> dict[str, Any]:
         return report_to_json(await self.coordinator.unlock_all(pids)) if pids else {}
 
-    async def return_to_running(self, pids: list[int]) -> None:
-        """From wherever a failed pipeline left them: restore the checkpointed, unlock the locked."""
-        await self.restore(pids)
-        await self.unlock(pids)
-
     async def gpus_of(self, pids: list[int]) -> dict[str, int]:
         """GPU UUID -> bytes the given processes hold there."""
         usage: dict[str, int] = {}

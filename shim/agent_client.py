@@ -59,17 +59,28 @@ class AgentClient:
             return self._stub
         import asyncio
 
-        import grpc
-        from kybernate.protos import agent_pb2_grpc
-
         if not self.socket_path.exists():
             raise Unavailable(f"kybernate agent socket {self.socket_path} does not exist (is the agent running?)")
+        # A plain connect first: a socket file left by a dead agent is refused at once,
+        # where gRPC would retry until the connect timeout.
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(self.socket_path)), self._connect_timeout)
+            writer.close()
+        except (OSError, TimeoutError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "connect timed out"
+            raise Unavailable(f"kybernate agent at {self.socket_path} is unreachable: {reason}") from None
+
+        import grpc  # only now: the shim pays for grpc only when an agent is there
+        from kybernate.protos import agent_pb2_grpc
+
         channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}")
         try:
             await asyncio.wait_for(channel.channel_ready(), self._connect_timeout)
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             await channel.close()
-            raise Unavailable(f"kybernate agent at {self.socket_path} is unreachable: {exc or 'timed out'}") from None
+            reason = str(exc) or f"no answer within {self._connect_timeout:g} s"
+            raise Unavailable(f"kybernate agent at {self.socket_path} is unreachable: {reason}") from None
         self._channel = channel
         self._stub = agent_pb2_grpc.AgentStub(channel)
         return self._stub
