@@ -115,8 +115,13 @@ async def serve(flags: ShimFlags, sock: socket.socket) -> None:
     reaper = Reaper()
     reaper.start()
     publisher = EventPublisher(flags.ttrpc_address, flags.namespace)
+    from kybernate.shim.checkpoint import AgentCheckpointer, AgentGpuLock
+    from kybernate.shim.restore import AgentRestore, SpecRestoreSource
+
     service = TaskService(namespace=flags.namespace, shim_id=flags.id, publisher=publisher,
-                          reaper=reaper, shutdown=shutdown)
+                          reaper=reaper, shutdown=shutdown, checkpointer=AgentCheckpointer(),
+                          restore_strategy=AgentRestore(), gpu_hooks=AgentGpuLock(),
+                          restore_source=SpecRestoreSource())
     server = TtrpcServer()
     service.register(server)
     socket_file = sock.getsockname()

@@ -93,6 +93,24 @@ class Checkpointer(Protocol):
                          options: CheckpointRequestOptions) -> None: ...
 
 
+class GpuPauseHooks(Protocol):
+    """GPU locking around Pause/Resume: a frozen CUDA process cannot be locked, so the
+    lock comes before the freeze and the unlock after the thaw."""
+
+    async def before_pause(self, container: Container) -> None: ...
+
+    async def pause_failed(self, container: Container) -> None: ...
+
+    async def after_resume(self, container: Container) -> None: ...
+
+
+class RestoreSource(Protocol):
+    """Decides at Create what the init restores from ("" = an ordinary create): the
+    request's checkpoint, or one the container's spec names."""
+
+    def checkpoint_for(self, request: shim_pb2.CreateTaskRequest) -> str: ...
+
+
 def timestamp(at: datetime.datetime | None) -> timestamp_pb2.Timestamp:
     """A protobuf Timestamp (zero for None, as Go's zero time marshals)."""
     stamp = timestamp_pb2.Timestamp()
@@ -132,7 +150,9 @@ class TaskService:
     def __init__(self, *, namespace: str, shim_id: str, publisher: EventPublisher,
                  reaper: Reaper, shutdown: asyncio.Event,
                  checkpointer: Checkpointer | None = None,
-                 restore_strategy: RestoreStrategy | None = None) -> None:
+                 restore_strategy: RestoreStrategy | None = None,
+                 gpu_hooks: GpuPauseHooks | None = None,
+                 restore_source: RestoreSource | None = None) -> None:
         self.namespace = namespace
         self.shim_id = shim_id
         self._publisher = publisher
@@ -140,6 +160,8 @@ class TaskService:
         self._shutdown = shutdown
         self._checkpointer = checkpointer
         self._restore_strategy = restore_strategy
+        self._gpu_hooks = gpu_hooks
+        self._restore_source = restore_source
         self._containers: dict[str, Container] = {}
         self._creating: set[str] = set()
         # Exit bookkeeping, the asyncio counterpart of runc's shim's lifecycle lock:
@@ -196,6 +218,10 @@ class TaskService:
         if not request.bundle or not os.path.isabs(request.bundle):
             raise InvalidArgument(f"bundle must be an absolute path, got {request.bundle!r}")
         options = decode_create_options(request.options if request.HasField("options") else None)
+        if self._restore_source is not None:
+            checkpoint = self._restore_source.checkpoint_for(request)
+            if checkpoint != request.checkpoint:
+                request = _with_checkpoint(request, checkpoint)
         self._creating.add(request.id)
         pending = self._begin_start()
         try:
@@ -311,7 +337,15 @@ class TaskService:
     async def pause(self, request: shim_pb2.PauseRequest,
                     ctx: CallContext | None = None) -> empty_pb2.Empty:
         container = self._container(request.id)
-        await container.init.pause()
+        hooks = self._gpu_hooks if container.init.state is ProcessState.RUNNING else None
+        if hooks is not None:
+            await hooks.before_pause(container)
+        try:
+            await container.init.pause()
+        except BaseException:
+            if hooks is not None:
+                await hooks.pause_failed(container)
+            raise
         self._publish("/tasks/paused", events_pb2.TaskPaused(container_id=container.id))
         return empty_pb2.Empty()
 
@@ -319,7 +353,10 @@ class TaskService:
                      ctx: CallContext | None = None) -> empty_pb2.Empty:
         container = self._container(request.id)
         await container.init.resume()
+        # Thawed is resumed, whatever the unlock says next.
         self._publish("/tasks/resumed", events_pb2.TaskResumed(container_id=container.id))
+        if self._gpu_hooks is not None:
+            await self._gpu_hooks.after_resume(container)
         return empty_pb2.Empty()
 
     async def checkpoint(self, request: shim_pb2.CheckpointTaskRequest,
@@ -517,3 +554,12 @@ class TaskService:
 
     def _publish_oom(self, container_id: str) -> None:
         self._publish("/tasks/oom", events_pb2.TaskOOM(container_id=container_id))
+
+
+def _with_checkpoint(request: shim_pb2.CreateTaskRequest,
+                     checkpoint: str) -> shim_pb2.CreateTaskRequest:
+    """A copy of the request that restores from `checkpoint`."""
+    copy = shim_pb2.CreateTaskRequest()
+    copy.CopyFrom(request)
+    copy.checkpoint = checkpoint
+    return copy

@@ -69,6 +69,7 @@ class Containerd:
         self.address = str(self.base / "c.sock")
         self.config = self.base / "config.toml"
         self.log_path = self.base / "containerd.log"
+        self.runtime_dir = self.base / "xdg"
         self._process: subprocess.Popen[bytes] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -79,6 +80,7 @@ class Containerd:
                 raise ContainerdError(f"{tool} is not installed (run .ci/setup)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.state.mkdir(parents=True, exist_ok=True)
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.config.write_text(self._config_text())
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
@@ -121,6 +123,9 @@ class Containerd:
         env = dict(os.environ)
         bin_dir = os.path.dirname(sys.executable)
         env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+        # containerd unpacks checkpoints for restores into XDG_RUNTIME_DIR (default /tmp)
+        # and leaves them there: keep them under our base, which stop() removes.
+        env["XDG_RUNTIME_DIR"] = str(self.runtime_dir)
         return env
 
     # ---- ctr -------------------------------------------------------------------------

@@ -13,16 +13,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kybernate.agent.cli import checkpoint_inspect_main, checkpoint_list_main
@@ -30,8 +27,9 @@ from kybernate.errors import DeadlineExceeded, KybernateError
 from kybernate.protos import agent_pb2
 from kybernate.shim.agent_client import AgentClient
 
+from tests.support.agent import AgentProcess, make_workdir, running_agent
 from tests.support.bundle import make_bundle
-from tests.unit.test_agent_storage import S3Server
+from tests.support.s3 import S3Server
 
 pytestmark = pytest.mark.integration
 
@@ -47,90 +45,23 @@ TCP_PAIR = (
 ALL_PHASES = ["ACCEPTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FROZEN", "DUMPED", "RESUMED", "COMMITTED"]
 
 
-@dataclass
-class AgentProcess:
-    root: Path
-    socket: Path
-    local_tier: Path
-    state_dir: Path
-    fake_dir: Path
-    config_path: Path
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kybernate.agent", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        deadline = time.monotonic() + 30
-        while not self._accepting():  # a killed agent leaves its socket file behind
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"agent did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.05)
-
-    def _accepting(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(self.socket))
-            except OSError:
-                return False
-        return True
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-
-def _write_config(agent: AgentProcess, extra: str = "") -> None:
-    agent.config_path.write_text(f"""
-socket = "{agent.socket}"
-state_dir = "{agent.state_dir}"
-local_tier = "{agent.local_tier}"
-[cuda]
-backend = "fake"
-fake_dir = "{agent.fake_dir}"
-lock_timeout_ms = 1500
-[checkpoint]
-min_free_bytes = 0
-{extra}
-""")
-
-
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=f"kyb-agent-it-{os.getpid()}-"))
+    path = make_workdir("kyb-agent-it")
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _agent(workdir: Path, node: str = "agent") -> AgentProcess:
-    agent = AgentProcess(root=workdir, socket=workdir / f"{node}.sock", local_tier=workdir / f"{node}-tier",
-                         state_dir=workdir / f"{node}-state", fake_dir=workdir / "fake-cuda",
-                         config_path=workdir / f"{node}.toml", log_path=workdir / f"{node}.log")
-    _write_config(agent)
-    return agent
+def _agent(workdir: Path, node: str = "agent", **config: Any) -> AgentProcess:
+    return AgentProcess.in_dir(workdir, node, **config)
 
 
 @pytest.fixture
 def agent(workdir: Path) -> Iterator[AgentProcess]:
-    agent = _agent(workdir)
-    agent.start()
-    try:
+    with running_agent(workdir) as agent:
         yield agent
-    finally:
-        agent.stop()
 
 
 class Container:
@@ -263,8 +194,7 @@ def _phases(seen: list[agent_pb2.CheckpointProgress]) -> list[str]:
 
 
 def _fake_events(agent: AgentProcess) -> list[dict[str, object]]:
-    path = agent.fake_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return agent.fake_events()
 
 
 def test_checkpoint_leave_running_then_exit_and_runc_restore(agent: AgentProcess, container: Container,
@@ -401,8 +331,7 @@ def test_restore_refused_when_gpu_memory_does_not_fit(agent: AgentProcess, conta
 
 
 def test_deadline_after_gpu_checkpoint_says_kill(workdir: Path, container: Container) -> None:
-    agent = _agent(workdir)
-    _write_config(agent, "[debug]\nhold_after_phase = { gpu_checkpointed = 10 }")
+    agent = _agent(workdir, hold_after_phase={"gpu_checkpointed": 10})
     agent.start()
     try:
         container.wait_count(2)
@@ -504,8 +433,7 @@ def test_tampered_checkpoint_is_refused_before_restore(agent: AgentProcess, cont
 
 
 def test_agent_killed_mid_checkpoint_leaves_no_checkpoint(workdir: Path, container: Container) -> None:
-    agent = _agent(workdir)
-    _write_config(agent, "[debug]\nhold_after_phase = { frozen = 60 }")
+    agent = _agent(workdir, hold_after_phase={"frozen": 60})
     agent.start()
     try:
         container.wait_count(2)
@@ -547,8 +475,8 @@ def test_upload_to_s3_and_restore_by_name_on_another_node(workdir: Path, contain
                   "backoff_base_s = 0.1\npromote_interval_s = 1.0\n")
     try:
         s3.make_bucket(bucket)
-        _write_config(node_a, s3_section)
-        _write_config(node_b, s3_section)
+        node_a.write_config(extra_toml=s3_section)
+        node_b.write_config(extra_toml=s3_section)
         node_a.start()
         container.wait_count(2)
         name = f"{container.id}-s3"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,40 +14,10 @@ from kybernate.agent.config import S3Config
 from kybernate.agent.registry import Registry, Tier
 from kybernate.agent.storage import LocalTier, Promoter, RemoteTier, fetch
 from kybernate.errors import DataLoss, NotFound
-from moto.server import ThreadedMotoServer
+
+from tests.support.s3 import S3Server
 
 CREDENTIALS = {"access_key_id": "kyb-test", "secret_access_key": "kyb-test-secret"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class S3Server:
-    """A moto server that tests can stop and start again on the same port."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self._server: ThreadedMotoServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def make_bucket(self, bucket: str) -> None:
-        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
-                     aws_access_key_id="x", aws_secret_access_key="y").create_bucket(Bucket=bucket)
 
 
 @pytest.fixture

@@ -1,0 +1,247 @@
+"""Restore through the node agent: the `RestoreStrategy` the shim runs at Start.
+
+Two ways in:
+- containerd's: `CreateTaskRequest.checkpoint` names the directory containerd
+  unpacked the checkpoint into (`ctr container restore --live`);
+- Kybernate's: the spec annotation `io.kybernate.restore-from` names a checkpoint
+  directory (absolute path) or a registry checkpoint (name or id). `SpecRestoreSource`
+  turns it into the request's checkpoint, so Create prepares a restore instead of
+  `runc create`.
+
+At Start, in this order, and Running only when all of it succeeded:
+1. PrepareRestore: the agent verifies metadata.json, every checksum, the CRIU
+   version and the GPU fit, and fetches a registry checkpoint from S3 if needed;
+2. the writable layer saved with the checkpoint (`rootfs-diff.tar`) goes into the
+   rootfs, unless containerd already applied one (`--rw`);
+3. `runc restore --detach` from the verified directory (runc keeps its state, so
+   exec, kill and delete keep working; the restored init is the shim's child);
+4. CompleteRestore: CUDA restore and unlock of the restored processes.
+A failure after 3 kills what was restored, force-deletes it in runc and fails Start
+with the cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kybernate.errors import FailedPrecondition, InvalidArgument, KybernateError
+from kybernate.runtime.cgroups import Cgroup
+from kybernate.runtime.container import load_spec
+from kybernate.shim.agent_client import AgentClient
+from kybernate.shim.agent_settings import agent_socket, restore_from
+
+if TYPE_CHECKING:
+    from kybernate.protos import agent_pb2, shim_pb2
+    from kybernate.runtime.process import InitProcess
+    from kybernate.runtime.stdio import ProcessIO
+
+log = logging.getLogger(__name__)
+
+#: Marks a registry checkpoint (name or id) in `InitProcess.checkpoint_dir`.
+REGISTRY_PREFIX = "kybernate-checkpoint:"
+METADATA_FILE = "metadata.json"
+ROOTFS_DIFF_FILE = "rootfs-diff.tar"
+#: PrepareRestore may download a checkpoint from S3: give it time.
+PREPARE_TIMEOUT_S = 1800.0
+COMPLETE_TIMEOUT_S = 600.0
+KILL_THAW_TIMEOUT_S = 5.0
+
+
+class SpecRestoreSource:
+    """Create's seam: a container annotated `io.kybernate.restore-from` is created as
+    a restore of that checkpoint (the Kubernetes path, where there is no ctr)."""
+
+    def checkpoint_for(self, request: shim_pb2.CreateTaskRequest) -> str:
+        """What the init should restore from ("" for an ordinary create)."""
+        if request.checkpoint:
+            return request.checkpoint
+        source = restore_from(load_spec(Path(request.bundle)))
+        if not source:
+            return ""
+        return source if os.path.isabs(source) else REGISTRY_PREFIX + source
+
+
+class AgentRestore:
+    """`RestoreStrategy` that verifies with the agent, restores with runc, and hands
+    the GPU state back through the agent before the task is reported running."""
+
+    def __init__(self, *, environ: Mapping[str, str] | None = None,
+                 connect_timeout_s: float = 3.0) -> None:
+        self._environ = dict(os.environ if environ is None else environ)
+        self._connect_timeout_s = connect_timeout_s
+
+    async def restore(self, process: InitProcess) -> int:
+        from kybernate.protos import agent_pb2
+
+        source = process.checkpoint_dir
+        if not source:
+            raise FailedPrecondition(f"{process.id}: no checkpoint to restore from")
+        prepare = _prepare_request(source)
+        socket = agent_socket(load_spec(process.bundle), self._environ)
+        async with AgentClient(socket, connect_timeout=self._connect_timeout_s) as client:
+            prepared = await client.prepare_restore(prepare, timeout=PREPARE_TIMEOUT_S)
+            image_dir = Path(prepared.image_dir)
+            metadata = _metadata(prepared)
+            log.info("restore of %s: checkpoint %s verified at %s", process.id,
+                     prepared.checkpoint_id or source, image_dir)
+            await asyncio.to_thread(_apply_rootfs_diff, image_dir, process.bundle / "rootfs")
+            pid = await self._runc_restore(process, image_dir, metadata.get("options") or {})
+            try:
+                completed = await client.complete_restore(
+                    agent_pb2.CompleteRestoreRequest(container_id=process.id, init_pid=pid,
+                                                     gpu_map=dict(prepared.gpu_map)),
+                    timeout=COMPLETE_TIMEOUT_S)
+            except BaseException as err:
+                await _undo_restore(process, pid)
+                if isinstance(err, KybernateError):
+                    raise type(err)(f"restore of {process.id}: GPU restore failed: {err}; "
+                                    "the restored processes were killed") from None
+                raise
+        if completed.cuda_pids:
+            log.info("restore of %s: CUDA processes %s restored and unlocked", process.id,
+                     list(completed.cuda_pids))
+        return pid
+
+    async def _runc_restore(self, process: InitProcess, image_dir: Path, options: Mapping[str, Any]) -> int:
+        work_path = Path(process.criu_work_path or process.bundle / "criu-restore")
+        work_path.mkdir(parents=True, exist_ok=True)
+
+        async def run_restore(console_socket: str | None, io: ProcessIO | None) -> None:
+            # The dump's options decide what the restore must be told (runc's rule too).
+            await process.runc.restore(
+                process.id, str(process.bundle), image_path=str(image_dir), work_path=str(work_path),
+                pid_file=str(process.pid_file), console_socket=console_socket, io=io, detach=True,
+                no_pivot=process.no_pivot_root, tcp_established=bool(options.get("open_tcp")),
+                ext_unix_sk=bool(options.get("external_unix_sockets")),
+                file_locks=bool(options.get("file_locks")))
+
+        try:
+            return await process.launch(run_restore)
+        except BaseException as err:
+            # runc may have got as far as a restored (or half-restored) container.
+            await _undo_restore(process, 0)
+            if isinstance(err, KybernateError):
+                criu_line = _first_criu_error(work_path / "restore.log")
+                raise type(err)(f"restore of {process.id}: {err}"
+                                + (f"; CRIU: {criu_line}" if criu_line else "")) from None
+            raise
+
+
+def _prepare_request(source: str) -> agent_pb2.PrepareRestoreRequest:
+    from kybernate.protos import agent_pb2
+
+    if source.startswith(REGISTRY_PREFIX):
+        name = source[len(REGISTRY_PREFIX):]
+        if not name:
+            raise InvalidArgument("restore: empty checkpoint name")
+        return agent_pb2.PrepareRestoreRequest(checkpoint=name)
+    directory = Path(source)
+    if not directory.is_dir():
+        raise FailedPrecondition(f"restore: checkpoint directory {directory} does not exist")
+    if not (directory / METADATA_FILE).is_file():
+        raise FailedPrecondition(f"restore: {directory} has no {METADATA_FILE}: not a Kybernate checkpoint "
+                                 "(checkpoints made by other tools are not restored)")
+    return agent_pb2.PrepareRestoreRequest(directory=str(directory))
+
+
+def _metadata(prepared: agent_pb2.PrepareRestoreResponse) -> dict[str, Any]:
+    try:
+        document = json.loads(prepared.metadata_json or "{}")
+    except ValueError as err:
+        raise FailedPrecondition(f"restore: the agent's metadata is not JSON: {err}") from None
+    return document if isinstance(document, dict) else {}
+
+
+def _first_criu_error(log_path: Path) -> str:
+    """CRIU's first error line from its restore log ("" when there is none): the
+    later ones are usually its consequences (the restorer tearing down)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    # CRIU always logs the RLIMIT_NOFILE line in containers; it is harmless.
+    errors = [line.strip() for line in lines if "Error (" in line and "RLIMIT_NOFILE" not in line]
+    return errors[0] if errors else ""
+
+
+async def _undo_restore(process: InitProcess, pid: int) -> None:
+    """Leave nothing of a failed restore running: SIGKILL every restored process
+    (thawing so frozen ones die), force-delete in runc, drop the pid file."""
+    pids = {pid} if pid > 0 else set()
+    cgroup: Cgroup | None = None
+    if pid > 0:
+        with contextlib.suppress(KybernateError, OSError):
+            cgroup = Cgroup.for_pid(pid)
+            pids.update(cgroup.pids())
+    for victim in sorted(pids):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(victim, signal.SIGKILL)
+    if cgroup is not None:
+        with contextlib.suppress(KybernateError, OSError):
+            await cgroup.thaw(KILL_THAW_TIMEOUT_S)
+    try:
+        await process.runc.delete(process.id, force=True)
+    except KybernateError as err:
+        log.debug("restore of %s: runc delete --force after failure: %s", process.id, err)
+    with contextlib.suppress(FileNotFoundError):
+        process.pid_file.unlink()
+
+
+# -- the writable layer ---------------------------------------------------------------
+
+
+def _overlay_upperdir(target: Path) -> Path | None:
+    """The upperdir of the overlay mounted at `target` (None: not an overlay mount)."""
+    wanted = os.path.realpath(target)
+    upper: Path | None = None
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            if fields[4] != wanted or fields[separator + 1] != "overlay":
+                continue
+            for option in fields[separator + 3].split(","):
+                if option.startswith("upperdir="):
+                    upper = Path(option[len("upperdir="):])  # the last mount on top wins
+    return upper
+
+
+def _apply_rootfs_diff(image_dir: Path, rootfs: Path) -> None:
+    """Unpack the checkpoint's writable layer into the rootfs, unless containerd
+    already applied one (`ctr container restore --rw`: the upperdir is not empty)."""
+    diff = image_dir / ROOTFS_DIFF_FILE
+    if not diff.is_file():
+        return
+    upper = _overlay_upperdir(rootfs)
+    if upper is not None and any(upper.iterdir()):
+        log.info("restore: %s has a writable layer already; not applying %s", rootfs, diff)
+        return
+    with tarfile.open(diff) as archive:
+        for member in archive:
+            relative = Path(member.name).relative_to(".") if member.name != "." else Path()
+            if member.ischr() and member.devmajor == 0 and member.devminor == 0:
+                # An overlay whiteout: the file was deleted in the writable layer.
+                _remove(rootfs / relative)
+                continue
+            if member.isdir() and (rootfs / relative).is_dir():
+                continue  # keep the lower directory's contents (opaque dirs are rare)
+            archive.extract(member, rootfs, filter="tar")
+    log.info("restore: applied %s to %s", diff, rootfs)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
