@@ -163,15 +163,11 @@ def _metadata(prepared: agent_pb2.PrepareRestoreResponse) -> dict[str, Any]:
 
 
 def _first_criu_error(log_path: Path) -> str:
-    """CRIU's first error line from its restore log ("" when there is none): the
-    later ones are usually its consequences (the restorer tearing down)."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    # CRIU always logs the RLIMIT_NOFILE line in containers; it is harmless.
-    errors = [line.strip() for line in lines if "Error (" in line and "RLIMIT_NOFILE" not in line]
-    return errors[0] if errors else ""
+    """CRIU's first meaningful error line of its restore log ("" when there is none):
+    the later ones are usually its consequences (the restorer tearing down)."""
+    from kybernate.criu.logparse import parse_criu_log  # only on this failure path
+
+    return parse_criu_log(log_path) or ""
 
 
 async def _undo_restore(process: InitProcess, pid: int) -> None:

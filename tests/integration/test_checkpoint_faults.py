@@ -361,6 +361,17 @@ def wait_for_hold(agent: AgentProcess, phase: str, log_offset: int, command: sub
     raise AssertionError(f"the agent never held at {phase}:\n{agent.log()[log_offset:]}")
 
 
+def both_sleeping(ctd: Containerd, container_id: str) -> bool:
+    """Both processes of `two_sleepers` exist and have exec'ed `sleep` (before that, the
+    child is a shell without the CUDA marker in its environment)."""
+    pids = cgroup_pids(ctd, container_id)
+    names = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            names.add(psutil.Process(pid).name())
+    return len(pids) == 2 and names == {"sleep"}
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -404,6 +415,9 @@ def test_agent_killed_while_holding_after_phase(ctd: ScratchContainerd, node: Ag
     checkpoint: subprocess.Popen[str] | None = None
     try:
         init_pid = run_container(ctd, node, container_id, *two_sleepers(token))
+        # The shell forks its child right after runc starts it: wait for both.
+        wait_until(lambda: both_sleeping(ctd, container_id), 15.0,
+                   f"both processes of {container_id} sleeping in its cgroup")
         members = {ProcessIdentity.of(pid) for pid in cgroup_pids(ctd, container_id)}
         assert len(members) == 2 and init_pid in {m.pid for m in members}, members
         images_before = checkpoint_images(ctd)
@@ -477,6 +491,9 @@ def test_agent_hung_after_accepting_is_outlived_by_the_shim_deadline(
     try:
         init_pid = run_container(ctd, node, container_id, *two_sleepers(token),
                                  annotations={ANNOTATION_DEADLINE: "5000"})
+        # The shell forks its child right after runc starts it: wait for both.
+        wait_until(lambda: both_sleeping(ctd, container_id), 15.0,
+                   f"both processes of {container_id} sleeping in its cgroup")
         members = {ProcessIdentity.of(pid) for pid in cgroup_pids(ctd, container_id)}
         checkpoint = subprocess.Popen(ctd.ctr_argv("task", "checkpoint", container_id),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -521,6 +538,9 @@ def test_checkpoint_without_agent_leaves_the_container_running(
     node.start()
     try:
         init_pid = run_container(ctd, node, container_id, *two_sleepers(token))
+        # The shell forks its child right after runc starts it: wait for both.
+        wait_until(lambda: both_sleeping(ctd, container_id), 15.0,
+                   f"both processes of {container_id} sleeping in its cgroup")
         members = {ProcessIdentity.of(pid) for pid in cgroup_pids(ctd, container_id)}
         node.stop(signal.SIGKILL if how == "killed-stale-socket" else signal.SIGTERM)
         assert node.socket.exists() == (how == "killed-stale-socket")
