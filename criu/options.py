@@ -18,7 +18,6 @@ so images dumped here restore with stock `runc restore`:
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from collections import deque
@@ -26,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kybernate.errors import FailedPrecondition, InvalidArgument, NotFound
+from kybernate.errors import FailedPrecondition, InvalidArgument
+from kybernate.oci import load_spec
 
 CGROUP_MODES = ("ignore", "none", "props", "soft", "full", "strict", "default")
 
@@ -190,20 +190,6 @@ def dump_options_from_bundle(
         empty_ns=CLONE_NEWNET,
         config_file=criu_config_file(spec),
     )
-
-
-def load_spec(bundle: Path) -> dict[str, Any]:
-    """bundle/config.json as a dict, with errors that name the file."""
-    path = bundle / "config.json"
-    try:
-        spec = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NotFound(f"OCI bundle has no config.json: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"cannot read OCI spec {path}: {exc}") from exc
-    if not isinstance(spec, dict):
-        raise InvalidArgument(f"OCI spec {path} is not a JSON object")
-    return spec
 
 
 def rootfs_path(bundle: Path, spec: dict[str, Any]) -> Path:

@@ -26,6 +26,7 @@ from kybernate.errors import (
     KybernateError,
     NotFound,
 )
+from kybernate.oci import load_spec
 from kybernate.runtime.cgroups import Cgroup
 from kybernate.runtime.mount import mount_rootfs, unmount_all
 from kybernate.runtime.process import (
@@ -57,20 +58,6 @@ class ProcessSettings:
     no_pivot_root: bool = False
     no_new_keyring: bool = False
     criu_work_path: str = ""
-
-
-def load_spec(bundle: Path) -> dict[str, Any]:
-    """The bundle's OCI runtime spec (config.json)."""
-    path = bundle / "config.json"
-    try:
-        spec = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InvalidArgument(f"bundle {bundle} has no config.json") from None
-    except (OSError, ValueError) as err:
-        raise InvalidArgument(f"cannot read OCI spec {path}: {err}") from None
-    if not isinstance(spec, dict):
-        raise InvalidArgument(f"OCI spec {path} is not a JSON object")
-    return spec
 
 
 def decode_json_any(message: any_pb2.Any, what: str) -> dict[str, Any]:

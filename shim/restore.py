@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kybernate.errors import FailedPrecondition, InvalidArgument, KybernateError
+from kybernate.oci import load_spec
 from kybernate.runtime.cgroups import Cgroup
-from kybernate.runtime.container import load_spec
 from kybernate.shim.agent_client import AgentClient
 from kybernate.shim.agent_settings import agent_socket, restore_from
 

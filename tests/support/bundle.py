@@ -15,6 +15,7 @@ from typing import Any
 
 from kybernate.sandbox.images import BUSYBOX, make_rootfs  # noqa: F401  (re-exported for tests)
 
+
 def default_spec(args: list[str], *, terminal: bool = False, cgroups_path: str | None = None) -> dict[str, Any]:
     """runc's default spec (`runc spec`), with our args and a writable rootfs."""
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"kyb-spec-{os.getpid()}"

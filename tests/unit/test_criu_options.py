@@ -11,7 +11,7 @@ import pytest
 from kybernate.criu import DumpOptions, RestoreOptions, dump_options_from_bundle
 from kybernate.criu.options import RUNC_CRIU_CONFIG, host_cgroup_v1_hierarchies
 from kybernate.criu.request import dump_request, restore_request
-from kybernate.errors import FailedPrecondition, InvalidArgument, NotFound
+from kybernate.errors import FailedPrecondition, InvalidArgument
 from kybernate.protos import criu_rpc_pb2 as rpc
 
 MOUNTINFO = """\
@@ -142,7 +142,7 @@ def test_criu_config_annotation(tmp_path: Path, annotations: dict[str, str],
 
 
 def test_bad_bundles_are_rejected_clearly(tmp_path: Path) -> None:
-    with pytest.raises(NotFound, match="config.json"):
+    with pytest.raises(InvalidArgument, match="config.json"):
         _build(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(InvalidArgument, match="config.json"):
