@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -337,11 +338,14 @@ class SchedTrace:
 
 
 @contextlib.contextmanager
-def sched_events_recorded(output: Path, start_wait: float = 1.0) -> Iterator[Path]:
+def sched_events_recorded(output: Path, start_wait: float = 1.0,
+                          clockid: str | None = None) -> Iterator[Path]:
     """Record every task's fork, exec and exit system-wide with `perf record` while
-    the block runs (tracepoints, no ptrace: the traced programs run at full speed)."""
+    the block runs (tracepoints, no ptrace: the traced programs run at full speed).
+    `clockid` (e.g. "CLOCK_MONOTONIC") stamps events on that clock instead of perf's
+    own, so they line up with time.monotonic()."""
     recorder = subprocess.Popen(
-        ["perf", "record", "-q", "-a", "-o", str(output),
+        ["perf", "record", "-q", "-a", "-o", str(output), *(("-k", clockid) if clockid else ()),
          *(arg for event in SCHED_EVENTS for arg in ("-e", event))],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -373,6 +377,29 @@ def read_sched_trace(recording: Path) -> SchedTrace:
 def thread_ids(pid: int) -> set[int]:
     """The ids of a live process's threads (a Go daemon forks from any of them)."""
     return {int(tid) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+
+# ---- small static probes -------------------------------------------------------------
+
+
+def static_c_binary(source: Path, cache_dir: Path | None = None) -> Path:
+    """Compile a one-file C probe statically (so it runs in a busybox rootfs), once per
+    source version, and return the binary's path."""
+    text = source.read_bytes()
+    digest = hashlib.sha256(text).hexdigest()[:12]
+    cache = cache_dir or Path(tempfile.gettempdir()) / "kybernate-bench-probes"
+    cache.mkdir(parents=True, exist_ok=True)
+    binary = cache / f"{source.stem}-{digest}"
+    if binary.exists():
+        return binary
+    partial = cache / f".{source.stem}-{digest}.{os.getpid()}"
+    result = subprocess.run(["gcc", "-O2", "-static", "-Wall", "-o", str(partial), str(source)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling {source} failed: {result.stderr.strip()}")
+    partial.rename(binary)
+    return binary
 
 
 # ---- interrupts --------------------------------------------------------------------
@@ -501,6 +528,7 @@ __all__ = [
     "remove_container",
     "sched_events_recorded",
     "serving_shims",
+    "static_c_binary",
     "termination_as_interrupt",
     "thread_ids",
     "utc_stamp",
