@@ -224,6 +224,7 @@ def _apply_rootfs_diff(image_dir: Path, rootfs: Path) -> None:
         return
     with tarfile.open(diff) as archive:
         for member in archive:
+            _refuse_escape(member, diff, rootfs)
             relative = Path(member.name).relative_to(".") if member.name != "." else Path()
             if member.ischr() and member.devmajor == 0 and member.devminor == 0:
                 # An overlay whiteout: the file was deleted in the writable layer.
@@ -231,8 +232,25 @@ def _apply_rootfs_diff(image_dir: Path, rootfs: Path) -> None:
                 continue
             if member.isdir() and (rootfs / relative).is_dir():
                 continue  # keep the lower directory's contents (opaque dirs are rare)
-            archive.extract(member, rootfs, filter="tar")
+            archive.extract(member, rootfs, set_attrs=True)
     log.info("restore: applied %s to %s", diff, rootfs)
+
+
+def _refuse_escape(member: tarfile.TarInfo, diff: Path, rootfs: Path) -> None:
+    """Refuse a member that would write outside the rootfs: an absolute or `..` name,
+    or a parent directory that is (already, or through an earlier member) a symlink
+    leading out. Checked by hand: tarfile's extraction filters arrived in 3.11.4,
+    after Debian 12's 3.11.2."""
+    names = [member.name] + ([member.linkname] if member.islnk() else [])
+    for name in names:
+        path = Path(name)
+        if path.is_absolute() or ".." in path.parts:
+            raise FailedPrecondition(f"restore: {diff} holds {name!r}, which would land outside the rootfs")
+    root = os.path.realpath(rootfs)
+    parent = os.path.realpath(rootfs / Path(member.name).parent)
+    if parent != root and not parent.startswith(root + os.sep):
+        raise FailedPrecondition(f"restore: {diff} holds {member.name!r}, whose directory leads outside "
+                                 "the rootfs through a symlink")
 
 
 def _remove(path: Path) -> None:
