@@ -11,10 +11,10 @@ restore that lost memory or restarted the processes cannot pass.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-import select
 import shutil
 import subprocess
 import tarfile
@@ -28,6 +28,7 @@ import pytest
 
 from tests.support.agent import AgentProcess, make_workdir, running_agent
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
+from tests.support.events import CtrEvents
 from tests.support.images import build_oci_archive, import_image
 from tests.support.workloads import memhold_files
 
@@ -505,19 +506,16 @@ def test_agent_deadline_after_gpu_checkpoint_kills_the_container(
             "--annotation", f"io.kybernate.agent-socket={slow.socket}",
             "--annotation", "io.kybernate.checkpoint.deadline-ms=1500"))
         _wait_running_workload(containerd, container_id, count=3)
-        events = subprocess.Popen(containerd.ctr_argv("events"), stdout=subprocess.PIPE, bufsize=0,
-                                  env=containerd.environment())
-        try:
+        with CtrEvents(containerd) as events:
             result = containerd.ctr("task", "checkpoint", container_id, timeout=60)
             assert result.returncode != 0
             assert "killed" in result.stderr and "GPU_CHECKPOINTED" in result.stderr, result.stderr
-            seen = _read_until(events, " /tasks/exit ", timeout=15)
-        finally:
-            events.kill()
-            events.wait(timeout=10)
-        exits = [json.loads(line.split(" /tasks/exit ", 1)[1]) for line in seen if " /tasks/exit " in line]
+            with contextlib.suppress(AssertionError):  # none within 15 s: the assert below shows what came
+                events.wait_for_line(lambda line: " /tasks/exit " in line, timeout=15)
+            seen = events.entries
+        exits = [e.payload for e in seen if e.topic == "/tasks/exit"]
         assert [(e["container_id"], e["exit_status"]) for e in exits] == [(container_id, 137)], (
-            f"{seen}\n--- containerd ---\n{containerd.log_tail(80)}")
+            f"{[e.line for e in seen]}\n--- containerd ---\n{containerd.log_tail(80)}")
         containerd.ctr("task", "delete", container_id, check=True)
         containerd.ctr("containers", "rm", container_id, check=True)
         assert not slow.committed_checkpoints()
@@ -563,23 +561,6 @@ def test_restore_refuses_foreign_checkpoint_and_cleans_up_after_gpu_restore_fail
     assert restored_id not in runc_list, "runc still knows the failed restore"
     survivors = [pid for pid in os.listdir("/proc") if pid.isdigit() and _has_token(int(pid), token)]
     assert survivors == [], f"restored processes survived the failed restore: {survivors}"
-
-
-def _read_until(process: subprocess.Popen[bytes], marker: str, timeout: float) -> list[str]:
-    """Lines of `process`'s stdout until one holds `marker` (raw reads: a buffered
-    reader could hold the line while select() sees an empty pipe)."""
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    data = b""
-    deadline = time.monotonic() + timeout
-    while marker.encode() not in data and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            data += chunk
-    return data.decode(errors="replace").splitlines()
 
 
 def _has_token(pid: int, token: str) -> bool:

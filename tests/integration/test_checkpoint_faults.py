@@ -27,7 +27,6 @@ import shutil
 import signal
 import subprocess
 import tarfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,8 +41,12 @@ from kybernate.shim.agent_client import AgentClient
 from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET, ANNOTATION_RESTORE_FROM
 
 from tests.support.agent import AgentProcess, make_workdir
+from tests.support.cgroups import cgroup_pids, container_cgroups, freezer_state
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
-from tests.support.images import BUSYBOX_IMAGE_REF, import_image
+from tests.support.events import CtrEvents
+from tests.support.images import BUSYBOX_IMAGE_REF
+from tests.support.processes import live_pids_with_marker
+from tests.support.tasks import assert_task_running, private_containerd, remove_container, task_pid
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +55,6 @@ ANNOTATION_GPU_LOCK_TIMEOUT = "io.kybernate.checkpoint.gpu-lock-timeout-ms"
 ANNOTATION_EXIT = "io.kybernate.checkpoint.exit"
 ANNOTATION_DEADLINE = "io.kybernate.checkpoint.deadline-ms"
 HOLD_S = 120.0  # long enough that only our SIGKILL ends the hold
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 # Twenty kills in all, spread over the phases after which the agent can hold.
 KILL_ROUNDS = {"accepted": 4, "gpu_locked": 3, "gpu_checkpointed": 3, "frozen": 4, "dumped": 3, "resumed": 3}
@@ -99,13 +101,8 @@ class ScratchContainerd(Containerd):
 
 @pytest.fixture(scope="module")
 def ctd(busybox_archive: Path) -> Iterator[ScratchContainerd]:
-    instance = ScratchContainerd()
-    try:
-        instance.start()
-        import_image(instance, busybox_archive)
+    with private_containerd(ScratchContainerd(), busybox_archive) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture(scope="module")
@@ -157,65 +154,13 @@ def checkpoint_refs(ctd: Containerd) -> Iterator[list[str]]:
         ctd.ctr("images", "rm", ref, timeout=30)
 
 
-class EventWatcher:
-    """`ctr events` in the background, its lines collected."""
-
-    def __init__(self, ctd: Containerd) -> None:
-        self.process = subprocess.Popen(ctd.ctr_argv("events"), stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True, env=ctd.environment())
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._wait_subscribed(ctd)
-
-    def _wait_subscribed(self, ctd: Containerd, timeout: float = 15.0) -> None:
-        """Touch the namespace until its update shows up: from then on nothing is missed."""
-        deadline = time.monotonic() + timeout
-        probe = 0
-        while not any("/namespaces/update" in line for line in self.lines):
-            assert time.monotonic() < deadline, "ctr events never showed a probe event"
-            probe += 1
-            ctd.ctr("namespaces", "label", ctd.namespace, f"kybernate-faults-probe={probe}", check=True)
-            time.sleep(0.1)
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, topic: str, container_id: str, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if topic in line.split() and container_id in line:
-                    return line
-            time.sleep(0.05)
-        raise AssertionError(f"no {topic} event for {container_id}; saw {self.lines[-20:]}")
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-
 @pytest.fixture(scope="module")
-def events(ctd: Containerd) -> Iterator[EventWatcher]:
-    watcher = EventWatcher(ctd)
-    try:
+def events(ctd: Containerd) -> Iterator[CtrEvents]:
+    with CtrEvents(ctd) as watcher:
         yield watcher
-    finally:
-        watcher.close()
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def remove_container(ctd: Containerd, container_id: str) -> None:
-    if not ctd.running:
-        return
-    if ctd.task_status(container_id) is not None:
-        ctd.ctr("task", "kill", "-s", "SIGKILL", "--all", container_id, timeout=30)
-        ctd.ctr("task", "delete", "--force", container_id, timeout=30)
-    ctd.ctr("containers", "rm", container_id, timeout=30)
 
 
 def run_container(ctd: Containerd, agent: AgentProcess, container_id: str, *command: str,
@@ -232,27 +177,9 @@ def run_container(ctd: Containerd, agent: AgentProcess, container_id: str, *comm
     return task_pid(ctd, container_id)
 
 
-def task_pid(ctd: Containerd, container_id: str) -> int:
-    for line in ctd.ctr("task", "ls", check=True).stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return int(fields[1])
-    raise AssertionError(f"no task {container_id}")
-
-
 def exec_echo(ctd: Containerd, container_id: str, text: str = "alive") -> subprocess.CompletedProcess[str]:
     return ctd.ctr("task", "exec", "--exec-id", f"probe-{uuid.uuid4().hex[:6]}", container_id,
                    "echo", text, timeout=30)
-
-
-def assert_task_running(ctd: Containerd, container_id: str) -> None:
-    """containerd says RUNNING (after a failed checkpoint, the client's Resume must work)."""
-    try:
-        ctd.wait_task_status(container_id, "RUNNING", timeout=10)
-    except AssertionError as err:
-        resume = ctd.ctr("task", "resume", container_id, timeout=30)
-        raise AssertionError(f"{err}; freezer {freezer_state(ctd, container_id)}; `ctr task resume` says: "
-                             f"{resume.stderr.strip() or 'ok'}") from None
 
 
 @dataclass(frozen=True)
@@ -272,48 +199,6 @@ class ProcessIdentity:
             return process.create_time() == self.started and process.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
-
-
-def container_cgroups(ctd: Containerd, container_id: str) -> list[Path]:
-    """Every cgroup directory of the container (ctr's cgroupsPath is /<namespace>/<id>)."""
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
-        candidates = [CGROUP_ROOT / ctd.namespace / container_id]
-    else:
-        candidates = [h / ctd.namespace / container_id for h in CGROUP_ROOT.iterdir()
-                      if h.is_dir() and not h.is_symlink()]
-    return [c for c in candidates if c.is_dir()]
-
-
-def cgroup_pids(ctd: Containerd, container_id: str) -> set[int]:
-    pids: set[int] = set()
-    for cgroup in container_cgroups(ctd, container_id):
-        with contextlib.suppress(OSError):
-            pids.update(int(p) for p in (cgroup / "cgroup.procs").read_text().split())
-    return pids
-
-
-def freezer_state(ctd: Containerd, container_id: str) -> str:
-    state = CGROUP_ROOT / "freezer" / ctd.namespace / container_id / "freezer.state"
-    if state.exists():
-        return state.read_text().strip()
-    unified = CGROUP_ROOT / ctd.namespace / container_id / "cgroup.freeze"
-    return {"0": "THAWED", "1": "FROZEN"}[unified.read_text().strip()]
-
-
-def processes_with_marker(token: str) -> list[int]:
-    """Live processes whose environment carries the fake CUDA marker `token`."""
-    needle = f"{ENV_TOKEN}={token}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (needle in (entry / "environ").read_bytes().split(b"\0")
-                    and psutil.Process(int(entry.name)).status() != psutil.STATUS_ZOMBIE):
-                found.append(int(entry.name))
-        except (OSError, psutil.Error):
-            continue
-    return found
 
 
 def fake_cuda_state(agent: AgentProcess, token: str) -> str | None:
@@ -380,6 +265,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
+def stop_checkpoint_and_agent(checkpoint: subprocess.Popen[str] | None, node: AgentProcess) -> None:
+    """A test's cleanup: kill a `ctr task checkpoint` still running, then stop the agent
+    (SIGCONT first: a SIGSTOPped agent would not see SIGTERM)."""
+    if checkpoint is not None and checkpoint.poll() is None:
+        checkpoint.kill()
+        checkpoint.communicate()
+    node.cont()
+    node.stop()
+
+
 def assert_nothing_left(ctd: Containerd, container_id: str) -> None:
     """After the task and container are deleted: no runc state, mount, cgroup or shim."""
     assert not (ctd.runc_root() / container_id).exists(), f"runc state of {container_id} left"
@@ -405,7 +300,7 @@ def shims_of(ctd: Containerd, container_id: str) -> list[int]:
 
 @pytest.mark.parametrize(("phase", "round_"), KILL_CASES, ids=[f"{p}-{n}" for p, n in KILL_CASES])
 def test_agent_killed_while_holding_after_phase(ctd: ScratchContainerd, node: AgentProcess,
-                                                events: EventWatcher, new_id, phase: str,
+                                                events: CtrEvents, new_id, phase: str,
                                                 round_: int) -> None:
     container_id = new_id()
     token = f"faults-{container_id}"
@@ -444,12 +339,12 @@ def test_agent_killed_while_holding_after_phase(ctd: ScratchContainerd, node: Ag
         assert "killed" in err, f"the error does not say the container was killed: {err}"
 
         # The exit is reported and the container is gone: every process, not just the init.
-        exit_event = events.wait_for("/tasks/exit", container_id)
-        assert re.search(rf'"pid":\s*{init_pid}\b', exit_event), exit_event
+        _, exit_event = events.wait_for(container_id, "/tasks/exit")
+        assert exit_event.get("pid") == init_pid, exit_event
         ctd.wait_task_status(container_id, "STOPPED")
         assert [m for m in members if m.alive()] == []
         assert cgroup_pids(ctd, container_id) == set()
-        assert processes_with_marker(token) == []
+        assert live_pids_with_marker(token) == []
         wait_until(lambda: not any(h.alive() for h in agent_helpers), 10, "the agent's helpers to die")
 
         # Nothing committed anywhere: no metadata.json, no checkpoint image.
@@ -468,17 +363,13 @@ def test_agent_killed_while_holding_after_phase(ctd: ScratchContainerd, node: Ag
         ctd.ctr("task", "delete", container_id, check=True)
         ctd.ctr("containers", "rm", container_id, check=True)
         assert_nothing_left(ctd, container_id)
-        assert processes_with_marker(token) == []
+        assert live_pids_with_marker(token) == []
     finally:
-        if checkpoint is not None and checkpoint.poll() is None:
-            checkpoint.kill()
-            checkpoint.communicate()
-        node.cont()
-        node.stop()
+        stop_checkpoint_and_agent(checkpoint, node)
 
 
 def test_agent_hung_after_accepting_is_outlived_by_the_shim_deadline(
-        ctd: ScratchContainerd, node: AgentProcess, events: EventWatcher, new_id) -> None:
+        ctd: ScratchContainerd, node: AgentProcess, events: CtrEvents, new_id) -> None:
     """A hung agent (SIGSTOP: its socket still accepts, nothing answers) after the
     container was frozen: the shim's own deadline (the container's deadline-ms plus a
     grace) kills the container, and the exit is reported."""
@@ -505,20 +396,16 @@ def test_agent_hung_after_accepting_is_outlived_by_the_shim_deadline(
         assert checkpoint.returncode != 0, "checkpoint reported success from a hung agent"
         assert "killed" in err, err
         assert time.monotonic() - started < 60
-        exit_event = events.wait_for("/tasks/exit", container_id)
-        assert re.search(rf'"pid":\s*{init_pid}\b', exit_event), exit_event
+        _, exit_event = events.wait_for(container_id, "/tasks/exit")
+        assert exit_event.get("pid") == init_pid, exit_event
         ctd.wait_task_status(container_id, "STOPPED")
         assert [m for m in members if m.alive()] == []
-        assert processes_with_marker(token) == []
+        assert live_pids_with_marker(token) == []
         assert node.committed_checkpoints() == [] or all(
             json.loads((d / "metadata.json").read_text())["container"]["id"] != container_id
             for d in node.committed_checkpoints())
     finally:
-        if checkpoint is not None and checkpoint.poll() is None:
-            checkpoint.kill()
-            checkpoint.communicate()
-        node.cont()
-        node.stop()
+        stop_checkpoint_and_agent(checkpoint, node)
 
 
 # ---- no agent when Checkpoint arrives --------------------------------------------------------

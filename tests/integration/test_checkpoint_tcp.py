@@ -26,8 +26,10 @@ import pytest
 from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET
 
 from tests.support.agent import AgentProcess, make_workdir, running_agent
+from tests.support.cgroups import freezer_state
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
-from tests.support.images import BUSYBOX_IMAGE_REF, import_image
+from tests.support.images import BUSYBOX_IMAGE_REF
+from tests.support.tasks import assert_task_running, private_containerd, remove_container
 
 pytestmark = pytest.mark.integration
 
@@ -47,13 +49,8 @@ SERVER_AND_CLIENT = (
 
 @pytest.fixture(scope="module")
 def ctd(busybox_archive: Path) -> Iterator[Containerd]:
-    instance = Containerd()
-    try:
-        instance.start()
-        import_image(instance, busybox_archive)
+    with private_containerd(Containerd(), busybox_archive) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +93,6 @@ def cleanup(ctd: Containerd) -> Iterator[Callable[[str, str], str]]:
             ctd.ctr("images", "rm", name, timeout=30)
 
 
-def remove_container(ctd: Containerd, container_id: str) -> None:
-    if ctd.task_status(container_id) is not None:
-        ctd.ctr("task", "kill", "-s", "SIGKILL", "--all", container_id, timeout=30)
-        ctd.ctr("task", "delete", "--force", container_id, timeout=30)
-    ctd.ctr("containers", "rm", container_id, timeout=30)
-
-
 def established(netns: str) -> set[tuple[int, int]]:
     """(local port, remote port) of every ESTABLISHED TCP socket in the namespace (the
     server's side is in tcp6: busybox nc listens dual-stack, so it is ::ffff:127.0.0.1)."""
@@ -121,20 +111,6 @@ def client_connection(netns: str) -> tuple[int, int]:
     clients = [pair for pair in established(netns) if pair[1] == PORT]
     assert len(clients) == 1, f"expected one connection to {PORT}, found {established(netns)}"
     return clients[0]
-
-
-def freezer_state(ctd: Containerd, container_id: str) -> str:
-    return (Path("/sys/fs/cgroup/freezer") / ctd.namespace / container_id / "freezer.state").read_text().strip()
-
-
-def assert_task_running(ctd: Containerd, container_id: str) -> None:
-    """containerd says RUNNING (after a failed checkpoint, the client's Resume must work)."""
-    try:
-        ctd.wait_task_status(container_id, "RUNNING", timeout=10)
-    except AssertionError as err:
-        resume = ctd.ctr("task", "resume", container_id, timeout=30)
-        raise AssertionError(f"{err}; freezer {freezer_state(ctd, container_id)}; `ctr task resume` says: "
-                             f"{resume.stderr.strip() or 'ok'}") from None
 
 
 def send(ctd: Containerd, container_id: str, text: str) -> None:

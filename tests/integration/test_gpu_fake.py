@@ -29,7 +29,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -37,8 +36,12 @@ import pytest
 from kybernate.cuda.fake import FakeBackend
 
 from tests.support.agent import AgentProcess, make_workdir
+from tests.support.cgroups import freezer_state_path
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
-from tests.support.images import BUSYBOX_IMAGE_REF, import_image
+from tests.support.events import CtrEvents
+from tests.support.images import BUSYBOX_IMAGE_REF
+from tests.support.processes import live_pids_with_marker
+from tests.support.tasks import private_containerd, task_pid
 
 pytestmark = pytest.mark.integration
 
@@ -61,13 +64,8 @@ PHASE_ORDER = ["accepted", "gpu_locked", "gpu_checkpointed", "frozen", "dumped"]
 @pytest.fixture(scope="module")
 def ctd(busybox_archive: Path) -> Iterator[Containerd]:
     """A private containerd for this module (agents and shims come and go per test)."""
-    instance = Containerd()
-    try:
-        instance.start()
-        import_image(instance, busybox_archive)
+    with private_containerd(Containerd(), busybox_archive) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture
@@ -86,12 +84,9 @@ def node() -> Iterator[AgentProcess]:
 
 
 @pytest.fixture
-def events(ctd: Containerd) -> Iterator[EventLog]:
-    log = EventLog(ctd)
-    try:
+def events(ctd: Containerd) -> Iterator[CtrEvents]:
+    with CtrEvents(ctd) as log:
         yield log
-    finally:
-        log.stop()
 
 
 @pytest.fixture
@@ -124,40 +119,6 @@ def fake_record(agent: AgentProcess, token: str) -> dict[str, Any]:
 def cuda_calls(agent: AgentProcess, token: str, since: float = 0.0) -> list[dict[str, Any]]:
     """Lock/checkpoint/restore/unlock calls for `token` (get-state left out), oldest first."""
     return [e for e in agent.fake_events(*CUDA_ACTIONS) if e["token"] == token and e["wall"] >= since]
-
-
-def live_pids_with_token(token: str) -> list[int]:
-    """Live (not zombie) processes whose environment makes them the fake's CUDA process `token`."""
-    marker = f"KYBERNATE_FAKE_CUDA={token}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            # /proc/PID/stat: "pid (comm) S ..."; the state letter follows the last ")".
-            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
-        except (OSError, IndexError):
-            continue
-        if marker in env and state not in ("Z", "X"):
-            found.append(int(entry.name))
-    return found
-
-
-def task_pid(ctd: Containerd, container_id: str) -> int:
-    for line in ctd.ctr("task", "ls", check=True).stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return int(fields[1])
-    raise AssertionError(f"no task {container_id}")
-
-
-def freezer_state_path(pid: int) -> Path:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "freezer" in controllers.split(","):
-            return Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
-    raise AssertionError(f"pid {pid} has no v1 freezer cgroup (this suite expects hybrid cgroups)")
 
 
 def dump_time(checkpoint: Path) -> float:
@@ -239,63 +200,6 @@ class FreezerWatcher:
 
     def describe(self) -> str:
         return ", ".join(f"{at:.3f} {freezer}/{task}" for at, freezer, task in self.transitions)
-
-
-def parse_event_time(date: str, clock: str, offset: str) -> float:
-    """Go's time.Time.String() ("2026-11-23 07:50:01.123456789 +0000") as epoch seconds."""
-    whole, _, fraction = clock.partition(".")
-    moment = datetime.strptime(f"{date} {whole} {offset}", "%Y-%m-%d %H:%M:%S %z")
-    return moment.timestamp() + (int(fraction.ljust(9, "0")) / 1e9 if fraction else 0.0)
-
-
-class EventLog:
-    """`ctr events` running in the background: (time, topic, payload) per event."""
-
-    def __init__(self, ctd: Containerd) -> None:
-        self._process = subprocess.Popen(ctd.ctr_argv("events"), stdout=subprocess.PIPE,
-                                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                         env=ctd.environment(), text=True)
-        self.entries: list[tuple[float, str, dict[str, Any]]] = []
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, name="ctr-events", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self._process.stdout is not None
-        for line in self._process.stdout:
-            parts = line.split(" ", 6)
-            if len(parts) < 7 or not parts[5].startswith("/"):
-                continue
-            try:
-                payload = json.loads(parts[6])
-            except json.JSONDecodeError:
-                payload = {"raw": parts[6]}
-            with self._lock:
-                self.entries.append((parse_event_time(parts[0], parts[1], parts[2]), parts[5], payload))
-
-    def of(self, container_id: str, topic: str, since: float = 0.0) -> list[tuple[float, dict[str, Any]]]:
-        """The container's events on `topic` stamped at or after `since` (ids get reused)."""
-        with self._lock:
-            return [(at, p) for at, t, p in self.entries
-                    if t == topic and p.get("container_id") == container_id and at >= since]
-
-    def wait_for(self, container_id: str, topic: str, since: float = 0.0,
-                 timeout: float = 15.0) -> tuple[float, dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while not (found := self.of(container_id, topic, since)):
-            assert time.monotonic() < deadline, f"no {topic} event for {container_id} within {timeout}s"
-            time.sleep(0.05)
-        return found[0]
-
-    def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._reader.join(5)
 
 
 class TaskStatusPoller:
@@ -396,11 +300,11 @@ def checkpointed_with_exit(containers: Containers, token: str) -> tuple[str, str
     return container_id, ref
 
 
-def assert_nothing_ran(containers: Containers, events: EventLog, container_id: str, token: str,
+def assert_nothing_ran(containers: Containers, events: CtrEvents, container_id: str, token: str,
                        since: float) -> None:
     """A refused restore: no runc container, no restored process, no CUDA call, no start."""
     assert not containers.runc_knows(container_id), f"runc has a container {container_id}"
-    assert live_pids_with_token(token) == [], "a restored process is alive"
+    assert live_pids_with_marker(token) == [], "a restored process is alive"
     assert cuda_calls(containers.agent, token, since) == [], "CUDA calls were made"
     assert events.of(container_id, "/tasks/start", since) == []
     assert containers.ctd.task_status(container_id) in (None, "CREATED", "STOPPED")
@@ -414,7 +318,7 @@ def restore_attempt(containers: Containers, container_id: str, ref: str) -> subp
 
 
 def test_checkpoint_locks_before_freeze_and_dumps_frozen_then_unlocks_after_resume(
-        ctd: Containerd, node: AgentProcess, containers: Containers, events: EventLog) -> None:
+        ctd: Containerd, node: AgentProcess, containers: Containers, events: CtrEvents) -> None:
     token = f"tok-{uuid.uuid4().hex[:8]}"
     container_id, pid = containers.run(token)
     ref = containers.checkpoint_image()
@@ -482,7 +386,7 @@ def test_checkpoint_locks_before_freeze_and_dumps_frozen_then_unlocks_after_resu
 
 
 def test_restore_unlocks_gpu_before_task_reports_running(
-        ctd: Containerd, node: AgentProcess, containers: Containers, events: EventLog) -> None:
+        ctd: Containerd, node: AgentProcess, containers: Containers, events: CtrEvents) -> None:
     token = f"tok-{uuid.uuid4().hex[:8]}"
     container_id, ref = checkpointed_with_exit(containers, token)
 
@@ -498,7 +402,7 @@ def test_restore_unlocks_gpu_before_task_reports_running(
     assert all(c["ok"] and not c["frozen"] and c["pid"] == pid for c in calls), calls
     unlocked = calls[-1]["wall"]
 
-    start_time, start_event = events.wait_for(container_id, "/tasks/start", since=started)
+    start_time, start_event = events.wait_for(container_id, "/tasks/start", since=started, timeout=15.0)
     assert start_event.get("pid") == pid, start_event
     assert unlocked < start_time, f"unlock at {unlocked:.6f}, /tasks/start at {start_time:.6f}"
     running = [(began, ended) for began, ended, status in poller.samples if status == "RUNNING"]
@@ -509,14 +413,14 @@ def test_restore_unlocks_gpu_before_task_reports_running(
     record = fake_record(node, token)
     assert record["state"] == "RUNNING" and record["pid"] == pid, record
     assert record["device_memory"] == {GPU_A: CONTAINER_GPU_MEMORY}, record
-    assert live_pids_with_token(token) == [pid]
+    assert live_pids_with_marker(token) == [pid]
 
 
 # -- 4: the GPUs a restore lands on ------------------------------------------------------
 
 
 def test_restore_checks_model_and_memory_before_anything_runs_and_remaps_uuids(
-        ctd: Containerd, node: AgentProcess, containers: Containers, events: EventLog) -> None:
+        ctd: Containerd, node: AgentProcess, containers: Containers, events: CtrEvents) -> None:
     token = f"tok-{uuid.uuid4().hex[:8]}"
     container_id, ref = checkpointed_with_exit(containers, token)
 
@@ -574,7 +478,7 @@ def test_lock_timeout_leaves_every_process_unlocked_thawed_and_running(
 
     assert result.returncode != 0, output
     assert f"timed out after {LOCK_TIMEOUT_MS} ms" in output, output
-    cuda_pids = live_pids_with_token(token) + live_pids_with_token(child_token)
+    cuda_pids = live_pids_with_marker(token) + live_pids_with_marker(child_token)
     assert len(cuda_pids) == 2 and pid in cuda_pids, cuda_pids
     assert any(f"pid {p}" in output for p in cuda_pids), output
     assert elapsed < 30, f"the failed checkpoint took {elapsed:.1f}s"
@@ -621,7 +525,7 @@ def test_failed_lock_of_one_process_unlocks_the_ones_already_locked(
 
 
 def test_agent_killed_while_gpu_locked_kills_container_and_reports_exit(
-        ctd: Containerd, node: AgentProcess, containers: Containers, events: EventLog) -> None:
+        ctd: Containerd, node: AgentProcess, containers: Containers, events: CtrEvents) -> None:
     node.stop()
     node.write_config(lock_timeout_ms=5000, hold_after_phase={"gpu_locked": 120})
     node.start()
@@ -651,7 +555,7 @@ def test_agent_killed_while_gpu_locked_kills_container_and_reports_exit(
     _, exit_event = events.wait_for(container_id, "/tasks/exit", since=killed_at, timeout=30)
     assert exit_event.get("pid") == pid and exit_event.get("exit_status") == 137, exit_event
     ctd.wait_task_status(container_id, "STOPPED")
-    assert live_pids_with_token(token) == []
+    assert live_pids_with_marker(token) == []
     assert node.committed_checkpoints() == []
 
     # The next agent start marks the staging directory failed and removes it.

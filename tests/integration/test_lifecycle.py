@@ -18,7 +18,6 @@ import signal
 import struct
 import subprocess
 import termios
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,7 +30,9 @@ from kybernate.shim.start import socket_address, socket_path
 from kybernate.shim.ttrpc import NAMESPACE_METADATA_KEY, TtrpcClient
 
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
-from tests.support.images import BUSYBOX_IMAGE_REF, import_image
+from tests.support.events import CtrEvents
+from tests.support.images import BUSYBOX_IMAGE_REF
+from tests.support.tasks import private_containerd, remove_container, task_pid
 
 RUN = ("run", "--runtime", KYBERNATE_RUNTIME)
 LINUX_RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
@@ -39,13 +40,8 @@ LINUX_RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Li
 
 @pytest.fixture(scope="module")
 def ctd(busybox_archive: Path) -> Iterator[Containerd]:
-    instance = Containerd()
-    try:
-        instance.start()
-        import_image(instance, busybox_archive)
+    with private_containerd(Containerd(), busybox_archive) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture(scope="module")
@@ -67,25 +63,12 @@ def new_id(ctd: Containerd, used_ids: list[str]) -> Iterator[Callable[[], str]]:
 
     yield make
     for container_id in made:
-        if not ctd.running:
-            break
-        if ctd.task_status(container_id) is not None:
-            ctd.ctr("task", "kill", "-s", "SIGKILL", "--all", container_id, timeout=30)
-            ctd.ctr("task", "delete", "--force", container_id, timeout=30)
-        ctd.ctr("containers", "rm", container_id, timeout=30)
+        remove_container(ctd, container_id)
 
 
 def run_detached(ctd: Containerd, container_id: str, *args: str) -> None:
     ctd.ctr(*RUN, "-d", BUSYBOX_IMAGE_REF, container_id, *args, check=True)
     ctd.wait_task_status(container_id, "RUNNING")
-
-
-def task_pid(ctd: Containerd, container_id: str) -> int:
-    for line in ctd.ctr("task", "ls", check=True).stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return int(fields[1])
-    raise AssertionError(f"no task {container_id}")
 
 
 class PtyProcess:
@@ -159,58 +142,10 @@ def on_pty(ctd: Containerd) -> Iterator[Callable[..., PtyProcess]]:
         proc.close()
 
 
-class EventWatcher:
-    """`ctr events` in the background, its lines collected."""
-
-    def __init__(self, ctd: Containerd) -> None:
-        self.process = subprocess.Popen(ctd.ctr_argv("events"), stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True,
-                                        env=ctd.environment())
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._wait_subscribed(ctd)
-
-    def _wait_subscribed(self, ctd: Containerd, timeout: float = 15.0) -> None:
-        """Touch the namespace until its update event shows up: from then on nothing is missed."""
-        deadline = time.monotonic() + timeout
-        probe = 0
-        while not any("/namespaces/update" in line for line in self.lines):
-            assert time.monotonic() < deadline, "ctr events never showed a probe event"
-            probe += 1
-            ctd.ctr("namespaces", "label", ctd.namespace, f"kybernate-probe={probe}", check=True)
-            time.sleep(0.1)
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if predicate(line):
-                    return line
-            time.sleep(0.05)
-        raise AssertionError(f"no matching event; saw {self.lines}")
-
-    def topics_for(self, container_id: str) -> list[str]:
-        return [word for line in self.lines if container_id in line
-                for word in line.split() if word.startswith("/tasks/")]
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-
 @pytest.fixture
-def events(ctd: Containerd) -> Iterator[EventWatcher]:
-    watcher = EventWatcher(ctd)
-    try:
+def events(ctd: Containerd) -> Iterator[CtrEvents]:
+    with CtrEvents(ctd) as watcher:
         yield watcher
-    finally:
-        watcher.close()
 
 
 # ---- run, stdio, terminals ---------------------------------------------------------------
@@ -343,12 +278,12 @@ def test_process_exiting_by_itself_is_reported(ctd: Containerd, new_id, events) 
     ctd.ctr(*RUN, "-d", BUSYBOX_IMAGE_REF, container_id, "sh", "-c", "sleep 0.5; exit 5",
             check=True)
     ctd.wait_task_status(container_id, "STOPPED")
-    exit_line = events.wait_for(lambda line: "/tasks/exit" in line and container_id in line)
+    exit_line = events.wait_for_line(lambda line: "/tasks/exit" in line and container_id in line)
     assert '"exit_status":5' in exit_line.replace(" ", "")
     deleted = ctd.ctr("task", "delete", container_id)
     assert deleted.returncode == 0, deleted.stderr
     assert "non-zero exit code 5" in deleted.stderr
-    events.wait_for(lambda line: "/tasks/delete" in line and container_id in line)
+    events.wait_for_line(lambda line: "/tasks/delete" in line and container_id in line)
     topics = events.topics_for(container_id)
     order = [t for t in topics if t in ("/tasks/create", "/tasks/start", "/tasks/exit",
                                         "/tasks/delete")]
@@ -411,7 +346,7 @@ def test_killed_shim_is_cleaned_up_by_delete(ctd: Containerd, new_id, events) ->
              if container_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
     assert len(shims) == 1, shims
     os.kill(shims[0], signal.SIGKILL)
-    exit_line = events.wait_for(lambda line: "/tasks/exit" in line and container_id in line)
+    exit_line = events.wait_for_line(lambda line: "/tasks/exit" in line and container_id in line)
     assert '"exit_status":137' in exit_line.replace(" ", "")
     deadline = time.monotonic() + 20
     while ctd.task_status(container_id) is not None:

@@ -7,7 +7,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from kybernate.errors import FailedPrecondition
 from kybernate.shim.restore import _apply_rootfs_diff
 
