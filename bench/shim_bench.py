@@ -195,6 +195,10 @@ def measure_memory(containerd: Containerd, image: str, runtime: str, containers:
                 **memory.as_dict(),
                 "helpers": [h.as_dict() for h in helpers],
             })
+        # Kybernate's forked shims share pages with their template, so its PSS is part of
+        # what these containers cost: read it while they run, and count it per container.
+        templates = ([read_process_memory(pid).as_dict() for pid in containerd.template_pids()]
+                     if runtime == KYBERNATE else [])
     finally:
         for container_id in container_ids:
             remove_container(containerd, container_id)
@@ -210,11 +214,8 @@ def measure_memory(containerd: Containerd, image: str, runtime: str, containers:
                            "min": summary.min, "max": summary.max}
         report["total_pss"] = sum(entry["pss"] for entry in per_shim)
         report["helper_processes"] = sum(len(entry["helpers"]) for entry in per_shim)
-        # Kybernate's forked shims share pages with their template; its own PSS is part
-        # of what those containers cost, so count it in a per-container share as well.
-        templates = [read_process_memory(pid).as_dict() for pid in containerd.template_pids()]
-        report["templates"] = templates
         template_pss = sum(t["pss"] for t in templates)
+        report["templates"] = templates
         report["total_pss_with_template"] = report["total_pss"] + template_pss
         report["pss_per_container_with_template"] = report["total_pss_with_template"] / len(per_shim)
     return report
