@@ -27,6 +27,7 @@ from kybernate.errors import (
     NotFound,
 )
 from kybernate.oci import load_spec
+from kybernate.protos import typeurl
 from kybernate.runtime.cgroups import Cgroup
 from kybernate.runtime.mount import mount_rootfs, unmount_all
 from kybernate.runtime.process import (
@@ -40,7 +41,6 @@ from kybernate.runtime.reaper import Exit
 from kybernate.runtime.runc import Runc
 
 if TYPE_CHECKING:
-    from google.protobuf.message import Message
     from kybernate.protos import shim_pb2
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,6 @@ def decode_json_any(message: any_pb2.Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what} must be a JSON object")
     return value
-
-
-def pack_bare(message: Message) -> any_pb2.Any:
-    """An Any whose type_url is the bare full name, as containerd's typeurl writes it."""
-    return any_pb2.Any(type_url=message.DESCRIPTOR.full_name,
-                       value=message.SerializeToString())
 
 
 def has_private_pid_namespace(spec: dict[str, Any]) -> bool:
@@ -232,7 +226,7 @@ class Container:
         """The cgroup metrics packed as containerd expects them."""
         if self._cgroup is None:
             raise NotFound(f"cgroup of container {self.id} does not exist")
-        return pack_bare(self._cgroup.stats())
+        return typeurl.pack(self._cgroup.stats())
 
     async def update(self, resources: any_pb2.Any) -> None:
         await self.init.update(decode_json_any(resources, "update resources"))

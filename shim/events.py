@@ -18,10 +18,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from kybernate.errors import DeadlineExceeded, KybernateError, Unavailable
-from kybernate.protos import events_ttrpc_pb2
+from kybernate.protos import events_ttrpc_pb2, typeurl
 from kybernate.shim.ttrpc import NAMESPACE_METADATA_KEY, TtrpcClient
 
 log = logging.getLogger(__name__)
@@ -59,11 +58,6 @@ class PublisherState(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-def pack_event(message: Message) -> any_pb2.Any:
-    """An Any with the bare type name containerd's typeurl registry expects."""
-    return any_pb2.Any(type_url=message.DESCRIPTOR.full_name, value=message.SerializeToString())
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -109,7 +103,7 @@ class EventPublisher:
         envelope.timestamp.FromNanoseconds(time.time_ns())
         envelope.namespace = self._namespace
         envelope.topic = topic
-        envelope.event.CopyFrom(pack_event(message))
+        envelope.event.CopyFrom(typeurl.pack(message))
         try:
             self._queue.put_nowait((topic, request))
         except asyncio.QueueFull:

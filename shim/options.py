@@ -90,16 +90,13 @@ class CheckpointRequestOptions:
     work_path: str = ""
 
 
-def bare_type_name(type_url: str) -> str:
-    """`types.example.com/pkg.Msg` or `pkg.Msg` -> `pkg.Msg`."""
-    return type_url.rsplit("/", 1)[-1]
-
-
 def decode_create_options(options: any_pb2.Any | None) -> ShimOptions:
     """Decode a CreateTaskRequest's (or `start`'s stdin) options Any."""
     if options is None or (not options.type_url and not options.value):
         return ShimOptions()
-    name = bare_type_name(options.type_url)
+    from kybernate.protos import typeurl
+
+    name = typeurl.full_name(options.type_url)
     if name == RUNC_OPTIONS:
         from kybernate.protos import runc_options_pb2
 
@@ -147,7 +144,9 @@ def decode_checkpoint_options(options: any_pb2.Any | None) -> CheckpointRequestO
     """Decode a CheckpointTaskRequest's options Any (none sent: all defaults)."""
     if options is None or (not options.type_url and not options.value):
         return CheckpointRequestOptions()
-    name = bare_type_name(options.type_url)
+    from kybernate.protos import typeurl
+
+    name = typeurl.full_name(options.type_url)
     if name == RUNC_CHECKPOINT_OPTIONS:
         from kybernate.protos import runc_options_pb2
 

@@ -35,8 +35,8 @@ from kybernate.errors import (
     NotFound,
     Unimplemented,
 )
-from kybernate.protos import events_pb2, runc_options_pb2, shim_pb2, task_types_pb2
-from kybernate.runtime.container import Container, ProcessSettings, pack_bare
+from kybernate.protos import events_pb2, runc_options_pb2, shim_pb2, task_types_pb2, typeurl
+from kybernate.runtime.container import Container, ProcessSettings
 from kybernate.runtime.process import (
     ExecProcess,
     InitProcess,
@@ -402,7 +402,7 @@ class TaskService:
         for pid, exec_id in await container.pids():
             info = task_types_pb2.ProcessInfo(pid=pid)
             if exec_id:
-                info.info.CopyFrom(pack_bare(runc_options_pb2.ProcessDetails(exec_id=exec_id)))
+                info.info.CopyFrom(typeurl.pack(runc_options_pb2.ProcessDetails(exec_id=exec_id)))
             processes.append(info)
         return shim_pb2.PidsResponse(processes=processes)
 
