@@ -15,7 +15,6 @@ import dataclasses
 import enum
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from kybernate.agent import commit
+from kybernate.agent import commit, naming
 from kybernate.agent.config import AgentConfig
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.limits import CheckpointLimits
@@ -48,7 +47,6 @@ log = logging.getLogger(__name__)
 ROOTFS_DIFF_FILE = "rootfs-diff.tar"
 _LIBC = ctypes.CDLL(None, use_errno=True)
 FREEZE_TIMEOUT_S = 30.0
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 class ContainerCondition(enum.Enum):
@@ -131,10 +129,6 @@ class PipelineDeps:
 Report = Callable[[agent_pb2.CheckpointProgress], Awaitable[None]]
 
 
-def new_checkpoint_id() -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.urandom(4).hex()}"
-
-
 def overlay_upperdir(pid: int) -> Path | None:
     """The upperdir of the overlay mounted at the container's root, if it is one."""
     try:
@@ -204,9 +198,9 @@ def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, l
         probe = destination if destination.exists() else destination.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
             raise FailedPrecondition(f"checkpoint destination {destination} is not writable")
-    name = request.name or f"{request.container_id}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    if not _NAME.match(name):
-        raise InvalidArgument(f"checkpoint name {name!r}: use letters, digits, '.', '_' and '-'")
+    checkpoint_id = naming.new_checkpoint_id()
+    # The default name carries the id: unique without relying on the clock's second.
+    name = naming.checkpoint_name(request.name or f"{request.container_id}-{checkpoint_id}")
 
     options = request.options
     upperdir = None
@@ -225,7 +219,7 @@ def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, l
             f" about {memory} and {config.min_free_bytes} must stay free")
 
     return CheckpointPlan(
-        checkpoint_id=new_checkpoint_id(), name=name, container_id=request.container_id,
+        checkpoint_id=checkpoint_id, name=name, container_id=request.container_id,
         namespace=request.namespace, bundle=bundle, runc_root=request.runc_root, init_pid=pid,
         destination=destination,
         exit=options.exit if options.HasField("exit") else not config.default_leave_running,
