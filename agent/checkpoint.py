@@ -10,6 +10,7 @@ bring the container back (thaw, CUDA restore, unlock) or must tell the shim to k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import enum
@@ -30,9 +31,12 @@ from kybernate.agent.limits import CheckpointLimits
 from kybernate.agent.metrics import AgentMetrics
 from kybernate.agent.registry import Registry
 from kybernate.agent.storage import LocalTier, Promoter
+from kybernate.cuda import CudaState
 from kybernate.errors import (
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     KybernateError,
     NotFound,
@@ -81,6 +85,7 @@ class CheckpointPlan:
     name: str
     container_id: str
     namespace: str
+    pod_namespace: str
     bundle: Path
     runc_root: str
     init_pid: int
@@ -111,6 +116,7 @@ class HostVersions:
     kernel: str
     criu: str
     runc: str
+    cuda_driver: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +133,12 @@ class PipelineDeps:
 
 
 Report = Callable[[agent_pb2.CheckpointProgress], Awaitable[None]]
+
+
+def _fault_hold(where: str, seconds: float) -> None:
+    """Fault injection (tests): stall a blocking step, e.g. the commit's thread."""
+    log.warning("fault injection: holding %.1fs %s", seconds, where)
+    time.sleep(seconds)
 
 
 def overlay_upperdir(pid: int) -> Path | None:
@@ -179,6 +191,15 @@ def _container_rss(pid: int) -> int:
     return total
 
 
+def check_disk(local: LocalTier, config: AgentConfig, needed: int, container_id: str) -> None:
+    """ResourceExhausted unless the local tier keeps `min_free_bytes` after `needed` more."""
+    free = local.free_bytes()
+    if free - needed < config.min_free_bytes:
+        raise ResourceExhausted(
+            f"checkpoint of {container_id}: {local.root} has {free} bytes free; the dump needs"
+            f" about {needed} and {config.min_free_bytes} must stay free")
+
+
 def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, local: LocalTier) -> CheckpointPlan:
     """Validate a request without touching the container (phase `accepted`)."""
     if not request.container_id:
@@ -198,6 +219,10 @@ def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, l
         probe = destination if destination.exists() else destination.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
             raise FailedPrecondition(f"checkpoint destination {destination} is not writable")
+    if request.namespace:
+        naming.containerd_namespace(request.namespace)
+    if request.pod_namespace:
+        naming.kubernetes_namespace(request.pod_namespace)
     checkpoint_id = naming.new_checkpoint_id()
     # The default name carries the id: unique without relying on the clock's second.
     name = naming.checkpoint_name(request.name or f"{request.container_id}-{checkpoint_id}")
@@ -212,15 +237,11 @@ def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, l
 
     memory = _container_rss(pid)
     local.prepare()
-    free = local.free_bytes()
-    if free - memory < config.min_free_bytes:
-        raise ResourceExhausted(
-            f"checkpoint of {request.container_id}: {local.root} has {free} bytes free; the dump needs"
-            f" about {memory} and {config.min_free_bytes} must stay free")
+    check_disk(local, config, memory, request.container_id)
 
     return CheckpointPlan(
         checkpoint_id=checkpoint_id, name=name, container_id=request.container_id,
-        namespace=request.namespace, bundle=bundle, runc_root=request.runc_root, init_pid=pid,
+        namespace=request.namespace, pod_namespace=request.pod_namespace, bundle=bundle, runc_root=request.runc_root, init_pid=pid,
         destination=destination,
         exit=options.exit if options.HasField("exit") else not config.default_leave_running,
         open_tcp=options.open_tcp if options.HasField("open_tcp") else config.default_open_tcp,
@@ -233,7 +254,16 @@ def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, l
 
 
 class CheckpointPipeline:
-    """Runs one checkpoint; `run()` never raises, it reports FAILED instead."""
+    """Runs one checkpoint; `run()` reports FAILED instead of raising (it re-raises
+    only a cancellation, after the same recovery as a failure).
+
+    Two clocks: the request's deadline bounds the time the container is in the
+    agent's hands (admission wait, lock, dump, resume); the commit that follows is
+    outside it and is never cancelled once it starts. Once the dump has succeeded the
+    data is complete, and a complete checkpoint commits whatever else fails (the
+    container's resume, the deadline, the agent being stopped); if the agent dies
+    first, its successor commits it from the staging directory's draft.
+    """
 
     def __init__(self, deps: PipelineDeps, plan: CheckpointPlan, report: Report) -> None:
         self._deps = deps
@@ -242,10 +272,16 @@ class CheckpointPipeline:
         self._condition = ContainerCondition.UNTOUCHED
         self._was_frozen = False
         self._cuda_pids: list[int] = []
+        # The CUDA state each process had when the agent took over (LOCKED when the
+        # client's Pause took the lock): what bringing the container back returns to.
+        self._entry_cuda: dict[int, CudaState] = {}
         self._cgroup: Cgroup | None = None
         self._started = 0.0
         self._timings: dict[str, int] = {}
         self._cuda_steps: dict[str, Any] = {}
+        self._inventory: dict[str, Any] = {"gpus": []}
+        self._data_complete = False
+        self._commit_task: asyncio.Future[dict[str, Any]] | None = None
         self._staging = deps.local.staging(plan.checkpoint_id)
         self._work_dir = deps.config.work_root / plan.checkpoint_id
 
@@ -278,44 +314,55 @@ class CheckpointPipeline:
         try:
             await self._deps.registry.add_staging(
                 plan.checkpoint_id, plan.name, container_id=plan.container_id,
-                namespace=plan.namespace, image=plan.image_ref)
+                namespace=plan.namespace, pod_namespace=plan.pod_namespace, image=plan.image_ref)
         except KybernateError as exc:
-            await self._fail(exc)
+            await self._report_failure(exc, agent_pb2.UNTOUCHED)
+            self._deps.metrics.checkpoint_finished("failed")
             return
+        deadline_passed = False
         try:
-            async with asyncio.timeout(plan.deadline_s):
-                await self._execute()
-        except TimeoutError:
-            await self._fail(DeadlineExceeded(
-                f"checkpoint of {plan.container_id} passed its deadline of {plan.deadline_s:.1f}s"),
-                deadline_passed=True)
+            try:
+                async with asyncio.timeout(plan.deadline_s):
+                    await self._execute()
+            except TimeoutError:
+                deadline_passed = True
+                assert plan.deadline_s is not None
+                raise DeadlineExceeded(
+                    f"checkpoint of {plan.container_id} passed its deadline of {plan.deadline_s:.1f}s"
+                    f" while the container was {self._condition.value}") from None
+            await self._commit()
+        except asyncio.CancelledError:
+            log.warning("checkpoint %s cancelled (agent stopping, or the shim gave up) while the"
+                        " container was %s", plan.checkpoint_id, self._condition.value)
+            await self._fail(Cancelled(f"checkpoint of {plan.container_id} was cancelled"))
+            raise
         except KybernateError as exc:
-            await self._fail(exc)
+            await self._fail(exc, deadline_passed=deadline_passed)
         except Exception as exc:  # a bug, but the shim still needs an answer
             log.exception("checkpoint %s failed", plan.checkpoint_id)
             await self._fail(exc)
 
     async def _execute(self) -> None:
+        """Everything up to complete data and a container back as it was (or exited)."""
         plan, deps = self._plan, self._deps
         self._staging.mkdir(mode=0o700)
         self._work_dir.mkdir(parents=True, mode=0o700)
         await self._phase(agent_pb2.ACCEPTED)
 
+        # Read-only until admitted: a container that containerd paused stays frozen
+        # (and its GPU locked by our Pause) while it waits for its turn.
         cgroup = self._cgroup = Cgroup.for_pid(plan.init_pid)
-        # containerd pauses the task before Checkpoint; a frozen process cannot
-        # take its CUDA lock, so thaw first (Pause already locked the GPU).
-        if cgroup.is_frozen():
-            self._was_frozen = True
-            self._advance(ContainerCondition.LOCKING)
-            await cgroup.thaw(FREEZE_TIMEOUT_S)
+        self._was_frozen = cgroup.is_frozen()
         self._cuda_pids = await deps.gpu.cuda_pids(cgroup.pids())
         gpu_usage = await deps.gpu.gpus_of(self._cuda_pids)
         # Checkpointed GPU memory lands in host memory, and so in CRIU's pages.
-        self._check_disk(plan.memory_estimate + sum(gpu_usage.values()))
+        needed = plan.memory_estimate + sum(gpu_usage.values())
+        check_disk(deps.local, deps.config, needed, plan.container_id)
 
-        async with deps.limits.admit(gpu_usage, plan.memory_estimate + sum(gpu_usage.values())):
+        async with deps.limits.admit(gpu_usage, needed):
             deps.limits.in_flight += 1
             try:
+                await self._phase(agent_pb2.ADMITTED)
                 await self._checkpoint_admitted()
             finally:
                 deps.limits.in_flight -= 1
@@ -325,13 +372,15 @@ class CheckpointPipeline:
         assert self._cgroup is not None
         cgroup = self._cgroup
 
+        self._advance(ContainerCondition.LOCKING)
+        if self._was_frozen and self._cuda_pids:  # a frozen process cannot take its CUDA lock
+            await cgroup.thaw(FREEZE_TIMEOUT_S)
+        self._entry_cuda = await deps.gpu.states(self._cuda_pids)
         # Lock every CUDA process before checkpointing any: one locked alone can
         # deadlock on one still running.
-        if self._condition is ContainerCondition.UNTOUCHED:
-            self._advance(ContainerCondition.LOCKING)
         self._cuda_steps["lock"] = await deps.gpu.lock(self._cuda_pids, plan.gpu_lock_timeout_ms)
         self._advance(ContainerCondition.GPU_LOCKED)
-        inventory = await deps.gpu.inventory(self._cuda_pids)
+        self._inventory = await deps.gpu.inventory(self._cuda_pids)
         await self._phase(agent_pb2.GPU_LOCKED, cuda_pids=self._cuda_pids)
 
         self._cuda_steps["checkpoint"] = await deps.gpu.checkpoint(self._cuda_pids)
@@ -350,32 +399,32 @@ class CheckpointPipeline:
             await self._bring_back()
             await self._phase(agent_pb2.RESUMED)
 
-        await self._commit(inventory)
-
     async def _dump(self, cgroup: Cgroup) -> None:
         from kybernate.criu import dump_options_from_bundle, write_descriptors
 
         plan = self._plan
         # Before the dump: with exit, the tasks (and their /proc) are gone after it.
+        # The writable layer too: the tasks are frozen and synced, so it is what the
+        # dump will expect, and after the dump the data is complete at once.
         await asyncio.to_thread(write_descriptors, self._staging, plan.init_pid)
+        if plan.rootfs_upperdir is not None:
+            await self._save_rootfs_diff(plan.rootfs_upperdir)
         options = dump_options_from_bundle(
             plan.bundle, pid=plan.init_pid, images_dir=self._staging, work_dir=self._work_dir,
             freeze_cgroup=cgroup.freezer_path(), leave_running=not plan.exit,
             tcp_established=plan.open_tcp, ext_unix_sk=plan.external_unix_sockets,
             file_locks=plan.file_locks, terminal=plan.terminal,
         )
+        # If the agent dies while CRIU runs, its successor reads CRIU's log to learn
+        # whether the dump finished (`commit.recoverable_metadata`).
+        await asyncio.to_thread(commit.write_draft, self._staging, self._metadata(), commit.DRAFT_DUMPING,
+                                work_dir=self._work_dir)
         await self._deps.criu.dump(options)
         if plan.exit:
             self._advance(ContainerCondition.EXITED)
-        if plan.rootfs_upperdir is not None:
-            await self._save_rootfs_diff(plan.rootfs_upperdir)
-
-    def _check_disk(self, needed: int) -> None:
-        free = self._deps.local.free_bytes()
-        if free - needed < self._deps.config.min_free_bytes:
-            raise ResourceExhausted(
-                f"checkpoint of {self._plan.container_id}: {self._deps.local.root} has {free} bytes free;"
-                f" the dump needs about {needed} and {self._deps.config.min_free_bytes} must stay free")
+        await asyncio.to_thread(commit.write_draft, self._staging, self._metadata(), commit.DRAFT_COMPLETE,
+                                work_dir=self._work_dir)
+        self._data_complete = True
 
     async def _save_rootfs_diff(self, upperdir: Path) -> None:
         process = await asyncio.create_subprocess_exec(
@@ -393,48 +442,98 @@ class CheckpointPipeline:
         self._advance(ContainerCondition.RESTORED)
 
     async def _return_to_entry_state(self) -> None:
-        """Thaw, CUDA restore, then the state the container had when the request came:
-        running and unlocked, or (containerd pauses before Checkpoint) frozen with the
-        GPU lock our Pause took, so that containerd's Resume finds what it paused."""
+        """Thaw, CUDA restore, then the state the container had when the agent took it
+        over: running and unlocked, or (containerd pauses before Checkpoint) frozen,
+        with the GPU lock held only where a Pause had taken it."""
         assert self._cgroup is not None
+        gpu = self._deps.gpu
+        if not self._cuda_pids:
+            # Nothing to give back to a GPU: a container that came frozen stays frozen
+            # throughout (its files are as the dump saw them when containerd diffs them).
+            if not self._was_frozen:
+                await self._cgroup.thaw(FREEZE_TIMEOUT_S)
+            return
         await self._cgroup.thaw(FREEZE_TIMEOUT_S)
-        await self._deps.gpu.restore(self._cuda_pids)
+        await gpu.restore(self._cuda_pids)
         if self._was_frozen:
+            await gpu.unlock([pid for pid in self._cuda_pids
+                              if self._entry_cuda.get(pid, CudaState.RUNNING) is CudaState.RUNNING])
             await self._cgroup.freeze(FREEZE_TIMEOUT_S)
         else:
-            await self._deps.gpu.unlock(self._cuda_pids)
+            await gpu.unlock(self._cuda_pids)
 
-    async def _commit(self, inventory: dict[str, Any]) -> None:
+    # -- the commit ---------------------------------------------------------------
+
+    def _metadata(self) -> dict[str, Any]:
         plan, deps = self._plan, self._deps
-        metadata = {
+        return {
             "id": plan.checkpoint_id,
             "name": plan.name,
             "created_at": datetime.now(UTC).isoformat(),
-            "container": {"id": plan.container_id, "namespace": plan.namespace, "image": plan.image_ref,
+            "container": {"id": plan.container_id, "namespace": plan.namespace,
+                          "pod_namespace": plan.pod_namespace, "image": plan.image_ref,
                           "labels": dict(plan.labels), "bundle": str(plan.bundle)},
             "host": {"kernel": deps.versions.kernel, "criu_version": deps.versions.criu,
                      "runc_version": deps.versions.runc},
-            "cuda": {**inventory, "backend": deps.gpu.backend_name, "pids": self._cuda_pids,
-                     "driver_version": await deps.gpu.driver_version(), "steps": self._cuda_steps},
+            "cuda": {**self._inventory, "backend": deps.gpu.backend_name, "pids": self._cuda_pids,
+                     "driver_version": deps.versions.cuda_driver, "steps": self._cuda_steps},
             "options": plan.options_record(),
             "timings_ms": dict(self._timings),
         }
-        final = deps.local.committed(plan.checkpoint_id)
-        document = await asyncio.to_thread(commit.commit, self._staging, final, metadata)
-        files = document["files"]
-        dirty = deps.promoter is not None
-        await deps.registry.mark_committed(
-            plan.checkpoint_id, size_bytes=sum(f["size"] for f in files.values()), file_count=len(files),
-            checksums={rel: f["sha256"] for rel, f in files.items()}, dirty=dirty)
-        if dirty:
-            deps.metrics.dirty_checkpoints.inc()
+
+    async def _commit(self) -> None:
+        """Seal the complete data, then hand it to containerd and the remote tier. After
+        the rename the checkpoint exists, whatever fails next."""
+        plan = self._plan
+        final = await self._seal()
         await asyncio.to_thread(shutil.rmtree, self._work_dir, True)
         if plan.destination is not None:
-            await asyncio.to_thread(commit.export, final, plan.destination)
-        if deps.promoter is not None:
-            deps.promoter.enqueue(plan.checkpoint_id)
-        deps.metrics.checkpoint_finished("committed")
+            try:
+                await asyncio.to_thread(commit.export, final, plan.destination)
+            except OSError as exc:
+                raise Internal(f"checkpoint {plan.checkpoint_id} is committed at {final}, but exporting"
+                               f" it to {plan.destination} failed: {exc}") from None
         await self._phase(agent_pb2.COMMITTED, local_path=str(final))
+
+    async def _seal(self) -> Path:
+        """Commit the staging directory and record it; never cancelled half way (the
+        thread cannot be stopped, and with `exit` the data is the only copy)."""
+        plan, deps = self._plan, self._deps
+        final = deps.local.committed(plan.checkpoint_id)
+        if self._commit_task is None:
+            hold = deps.config.debug_hold_during_commit_s
+            self._commit_task = asyncio.ensure_future(asyncio.to_thread(
+                commit.commit, self._staging, final, self._metadata(),
+                before_metadata=(lambda: _fault_hold("during commit", hold)) if hold else None))
+        try:
+            document = await asyncio.shield(self._commit_task)
+        except asyncio.CancelledError:
+            log.warning("checkpoint %s: cancelled during its commit; finishing the commit first",
+                        plan.checkpoint_id)
+            await asyncio.wait([self._commit_task])
+            if self._commit_task.exception() is None:
+                await self._record_committed(self._commit_task.result())
+            raise
+        await self._record_committed(document)
+        return final
+
+    async def _record_committed(self, document: Mapping[str, Any]) -> None:
+        plan, deps = self._plan, self._deps
+        deps.metrics.checkpoint_finished("committed")
+        files = document["files"]
+        dirty = deps.promoter is not None
+        try:
+            await deps.registry.mark_committed(
+                plan.checkpoint_id, size_bytes=sum(f["size"] for f in files.values()), file_count=len(files),
+                checksums={rel: f["sha256"] for rel, f in files.items()}, dirty=dirty)
+        except Exception:  # the disk is the truth; the next start reconciles the row
+            log.exception("checkpoint %s is committed, but recording it in the registry failed",
+                          plan.checkpoint_id)
+            return
+        if dirty:
+            assert deps.promoter is not None
+            deps.metrics.dirty_checkpoints.inc()
+            deps.promoter.enqueue(plan.checkpoint_id)
 
     # -- failure ----------------------------------------------------------------
 
@@ -458,29 +557,64 @@ class CheckpointPipeline:
             log.error("checkpoint %s: could not bring container %s back: %s",
                       self._plan.checkpoint_id, self._plan.container_id, exc)
             return agent_pb2.MUST_KILL
+        self._condition = ContainerCondition.RESTORED
         return agent_pb2.RESTORED
 
     async def _fail(self, exc: BaseException, *, deadline_passed: bool = False) -> None:
+        """Recover the container, keep complete data, report FAILED."""
         plan = self._plan
         state = await self._recover(deadline_passed)
         message = str(exc) or type(exc).__name__
         if state == agent_pb2.MUST_KILL:
             message += "; the container's state is undefined (locked, frozen or half-seized): it must be killed"
-        code = exc.code if isinstance(exc, KybernateError) else StatusCode.INTERNAL
-        await self._keep_logs(exc)
+        if self._data_complete:
+            message += await self._keep_complete_data()
+        else:
+            await self._discard(message)
+        await self._report_failure(exc, state, message)
+        if not self._deps.local.has(plan.checkpoint_id):
+            self._deps.metrics.checkpoint_finished("failed")
+
+    async def _keep_complete_data(self) -> str:
+        """The dump succeeded before the failure: commit it anyway (what went wrong was
+        the container's resume, the deadline, a stop), or leave it for the next start."""
+        plan, deps = self._plan, self._deps
+        if deps.local.has(plan.checkpoint_id):
+            return f"; the checkpoint itself is complete and committed as {plan.checkpoint_id}"
+        try:
+            await self._seal()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the staging data stays for the next start
+            log.exception("checkpoint %s: commit failed", plan.checkpoint_id)
+            with contextlib.suppress(Exception):
+                await deps.registry.mark_failed(
+                    plan.checkpoint_id, f"commit failed: {exc}; the data is kept and the agent retries the"
+                                        " commit at its next start")
+            return f"; committing its complete data failed too ({exc}); the agent retries at its next start"
+        await asyncio.to_thread(shutil.rmtree, self._work_dir, True)
+        return f"; the checkpoint itself is complete and committed as {plan.checkpoint_id}"
+
+    async def _discard(self, message: str) -> None:
+        plan = self._plan
+        await self._keep_logs()
         try:
             await self._deps.registry.mark_failed(plan.checkpoint_id, message)
         except NotFound:
-            pass  # the row was never added (e.g. a duplicate name)
+            pass  # the row was never added
         except Exception:
             log.exception("checkpoint %s: registry update failed", plan.checkpoint_id)
         await asyncio.to_thread(shutil.rmtree, self._staging, True)
-        self._deps.metrics.checkpoint_finished("failed")
-        await self._report(agent_pb2.CheckpointProgress(
-            phase=agent_pb2.FAILED, checkpoint_id=plan.checkpoint_id, elapsed_ms=self._elapsed_ms(),
-            error_code=int(code), error_message=message, container_state=state))
 
-    async def _keep_logs(self, exc: BaseException) -> None:
+    async def _report_failure(self, exc: BaseException, state: int, message: str | None = None) -> None:
+        code = exc.code if isinstance(exc, KybernateError) else StatusCode.INTERNAL
+        with contextlib.suppress(Exception):  # the stream may be gone (cancelled)
+            await self._report(agent_pb2.CheckpointProgress(
+                phase=agent_pb2.FAILED, checkpoint_id=self._plan.checkpoint_id, elapsed_ms=self._elapsed_ms(),
+                error_code=int(code), error_message=message or str(exc) or type(exc).__name__,
+                container_state=state))
+
+    async def _keep_logs(self) -> None:
         """Move CRIU's work dir (dump.log) to the failed-checkpoints dir for the operator."""
         if not self._work_dir.exists():
             return
@@ -490,4 +624,4 @@ class CheckpointPipeline:
         target = self._deps.config.failed_root / self._plan.checkpoint_id
         target.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(shutil.move, str(self._work_dir), str(target))
-        log.error("checkpoint %s failed (%s); CRIU logs kept in %s", self._plan.checkpoint_id, exc, target)
+        log.error("checkpoint %s failed; CRIU logs kept in %s", self._plan.checkpoint_id, target)

@@ -14,6 +14,9 @@ from kybernate.agent.config import config_from_args
 from kybernate.errors import KybernateError
 from kybernate.shim.agent_client import DEFAULT_SOCKET, AgentClient
 
+#: ctr's default namespace.
+DEFAULT_NAMESPACE = "default"
+
 
 def agent_main(argv: Sequence[str]) -> int:
     """Run the node agent in the foreground (systemd runs it so)."""
@@ -63,18 +66,31 @@ def checkpoint_list_main(argv: Sequence[str]) -> int:
             for record in response.checkpoints:
                 print(json.dumps(MessageToDict(record, preserving_proto_field_name=True), sort_keys=True))
             return 0
-        print(f"{'ID':<28} {'NAME':<32} {'STATE':<10} {'TIER':<7} {'DIRTY':<6} {'SIZE':>10}  CONTAINER")
+        print(f"{'ID':<39} {'NAME':<32} {'STATE':<10} {'TIER':<7} {'DIRTY':<6} {'SIZE':>10}  CONTAINER")
         for r in response.checkpoints:
-            print(f"{r.id:<28} {r.name:<32} {r.state:<10} {r.tier:<7} {'yes' if r.dirty else 'no':<6}"
+            print(f"{r.id:<39} {r.name:<32} {r.state:<10} {r.tier:<7} {'yes' if r.dirty else 'no':<6}"
                   f" {_format_size(r.size_bytes):>10}  {r.namespace}/{r.container_id}")
         return 0
 
     return _run_client(run)
 
 
+def _reference(checkpoint: str, namespace: str) -> str:
+    """An id as it is, a bare name qualified with the namespace (`-n`, as ctr's)."""
+    from kybernate.agent.naming import is_checkpoint_id
+
+    return checkpoint if is_checkpoint_id(checkpoint) or "/" in checkpoint else f"{namespace}/{checkpoint}"
+
+
+def _namespace_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--namespace", default=DEFAULT_NAMESPACE,
+                        help=f"containerd namespace of a checkpoint named without one (default {DEFAULT_NAMESPACE})")
+
+
 def checkpoint_inspect_main(argv: Sequence[str]) -> int:
     parser = _client_parser("kybernate checkpoint inspect", "Show a checkpoint's record and metadata")
-    parser.add_argument("checkpoint", help="id or name")
+    parser.add_argument("checkpoint", help="id, name, or namespace/name")
+    _namespace_argument(parser)
     args = parser.parse_args(list(argv))
 
     async def run() -> int:
@@ -82,10 +98,39 @@ def checkpoint_inspect_main(argv: Sequence[str]) -> int:
         from kybernate.protos import agent_pb2
 
         async with AgentClient(args.socket) as client:
-            response = await client.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=args.checkpoint))
+            response = await client.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(
+                checkpoint=_reference(args.checkpoint, args.namespace)))
         document = {"record": MessageToDict(response.record, preserving_proto_field_name=True),
                     "metadata": json.loads(response.metadata_json) if response.metadata_json else None}
         print(json.dumps(document, indent=2, sort_keys=True))
+        return 0
+
+    return _run_client(run)
+
+
+def checkpoint_share_main(argv: Sequence[str]) -> int:
+    parser = _client_parser(
+        "kybernate checkpoint share",
+        "Let another namespace restore a checkpoint (a golden snapshot for many pods), or take that back")
+    parser.add_argument("checkpoint", help="id, name, or namespace/name")
+    _namespace_argument(parser)
+    parser.add_argument("--with", dest="grantee", required=True, metavar="NAMESPACE[/POD_NAMESPACE]",
+                        help="the containerd namespace to share with ('*': every namespace), optionally "
+                             "only one Kubernetes namespace in it (k8s.io/team-b)")
+    parser.add_argument("--revoke", action="store_true", help="take the share back")
+    args = parser.parse_args(list(argv))
+    grantee_namespace, _, grantee_pod_namespace = args.grantee.partition("/")
+
+    async def run() -> int:
+        from kybernate.protos import agent_pb2
+
+        async with AgentClient(args.socket) as client:
+            response = await client.share_checkpoint(agent_pb2.ShareCheckpointRequest(
+                checkpoint=_reference(args.checkpoint, args.namespace), namespace=grantee_namespace,
+                pod_namespace=grantee_pod_namespace, revoke=args.revoke))
+        record = response.record
+        shared = ", ".join(record.shared_with) or "nobody else"
+        print(f"{record.namespace}/{record.name} ({record.id}) is shared with: {shared}")
         return 0
 
     return _run_client(run)

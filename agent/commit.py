@@ -11,21 +11,34 @@ Everything here is blocking file I/O; callers run it in a thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kybernate.agent import naming
 from kybernate.errors import DataLoss, FailedPrecondition, Internal
 
 METADATA_FILE = "metadata.json"
 METADATA_FORMAT = 1
 STAGING_PREFIX = ".staging-"
+#: Written into a staging directory once its data is complete (the dump succeeded):
+#: the metadata without the file list, so that a checkpoint whose agent stopped before
+#: the commit can still be committed by the next one. Never part of the checkpoint.
+DRAFT_FILE = ".kybernate-draft.json"
+DRAFT_DUMPING = "dumping"
+DRAFT_COMPLETE = "complete"
+#: CRIU's last log line of a dump that succeeded.
+CRIU_DUMP_DONE = "Dumping finished successfully"
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Hashing (CPU, page cache) and fsync (disk) of a GB-sized dump overlap in threads:
 # hashlib releases the GIL, and the container stays paused until the commit ends.
 _IO_THREADS = 4
@@ -51,7 +64,7 @@ def _payload_files(directory: Path) -> list[Path]:
         rel = path.relative_to(directory)
         if path.is_symlink() or not (path.is_file() or path.is_dir()):
             raise DataLoss(f"checkpoint {directory}: {rel} is not a regular file")
-        if path.is_file() and rel.as_posix() != METADATA_FILE:
+        if path.is_file() and rel.as_posix() != METADATA_FILE and not rel.as_posix().startswith(DRAFT_FILE):
             files.append(rel)
     return files
 
@@ -89,11 +102,13 @@ def write_json_durably(path: Path, document: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def commit(staging: Path, final: Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
+def commit(staging: Path, final: Path, metadata: Mapping[str, Any], *,
+           before_metadata: Callable[[], None] | None = None) -> dict[str, Any]:
     """Seal `staging` and rename it to `final`; returns the metadata written.
 
     `metadata` is everything but the file list, which is computed here from what
-    is actually on disk.
+    is actually on disk. `before_metadata` runs once the files are hashed and synced
+    (fault injection).
     """
     if (staging / METADATA_FILE).exists():
         raise Internal(f"{staging} already has {METADATA_FILE}: refusing to commit twice")
@@ -108,15 +123,76 @@ def commit(staging: Path, final: Path, metadata: Mapping[str, Any]) -> dict[str,
                  for rel in payload}
         for done in synced:
             done.result()
+    if before_metadata is not None:
+        before_metadata()
     document = {**metadata, "format": METADATA_FORMAT, "files": files}
     for sub in sorted({p.parent for p in (staging / r for r in files)} - {staging}):
         _fsync_path(sub)
     # Last: its presence is what makes the directory a checkpoint.
     write_json_durably(staging / METADATA_FILE, document)
+    for draft in staging.glob(DRAFT_FILE + "*"):
+        draft.unlink()
     _fsync_path(staging)
     os.rename(staging, final)
     _fsync_path(final.parent)
     return document
+
+
+def boot_id() -> str:
+    """This boot's id: page-cache contents that were never fsynced survive an agent
+    crash, but not a reboot."""
+    try:
+        with open(BOOT_ID_FILE) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def write_draft(staging: Path, metadata: Mapping[str, Any], state: str, *, work_dir: Path) -> None:
+    """Record (durably) that the data in `staging` is being dumped or is complete."""
+    draft = {"state": state, "boot_id": boot_id(), "work_dir": str(work_dir), "metadata": dict(metadata)}
+    path = staging / DRAFT_FILE
+    temporary = path.with_name(path.name + ".tmp")
+    write_json_durably(temporary, draft)
+    os.rename(temporary, path)
+    _fsync_path(staging)
+
+
+def recoverable_metadata(staging: Path) -> dict[str, Any] | None:
+    """The metadata of a staging directory whose data is complete and still trustworthy
+    (same boot, dump finished), else None."""
+    try:
+        draft = json.loads((staging / DRAFT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(draft, dict) or not isinstance(draft.get("metadata"), dict):
+        return None
+    if not draft.get("boot_id") or draft["boot_id"] != boot_id():
+        return None  # written before a reboot: the images may never have reached the disk
+    if draft.get("state") == DRAFT_DUMPING:
+        # The agent stopped between CRIU's answer and the draft's update: CRIU's own
+        # log says whether the dump finished.
+        log = Path(str(draft.get("work_dir", ""))) / "dump.log"
+        try:
+            finished = CRIU_DUMP_DONE in log.read_text(errors="replace")[-4096:]
+        except OSError:
+            finished = False
+        if not finished:
+            return None
+    elif draft.get("state") != DRAFT_COMPLETE:
+        return None
+    return dict(draft["metadata"])
+
+
+def recover(staging: Path, final: Path) -> dict[str, Any] | None:
+    """Commit a staging directory a stopped agent left with complete data; None when
+    its data is incomplete (the caller removes it)."""
+    metadata = recoverable_metadata(staging)
+    if metadata is None:
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        (staging / METADATA_FILE).unlink()  # half written when the agent stopped
+    return commit(staging, final, metadata)
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
@@ -129,6 +205,17 @@ def read_metadata(directory: Path) -> dict[str, Any]:
         raise DataLoss(f"checkpoint {directory}: {METADATA_FILE} is unreadable: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("files"), dict):
         raise DataLoss(f"checkpoint {directory}: {METADATA_FILE} has no file list")
+    # It may come from another node, a bucket or an archive: every entry is checked
+    # before it becomes a path.
+    where = f"checkpoint {directory}: {METADATA_FILE}"
+    for rel, entry in document["files"].items():
+        naming.relative_file(rel, where)
+        if rel in (METADATA_FILE, DRAFT_FILE):
+            raise DataLoss(f"{where} lists {rel} as a payload file")
+        if (not isinstance(entry, dict) or isinstance(entry.get("size"), bool)
+                or not isinstance(entry.get("size"), int) or entry["size"] < 0
+                or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"])):
+            raise DataLoss(f"{where}: entry {rel} needs a size and a sha256")
     if document.get("format") != METADATA_FORMAT:
         raise FailedPrecondition(
             f"checkpoint {directory}: metadata format {document.get('format')!r} is not {METADATA_FORMAT}")

@@ -29,11 +29,20 @@ Example (every key optional):
     backoff_max_s = 30.0
     promote_interval_s = 60.0
 
+    [restore]
+    # Host directories an `io.kybernate.restore-from` annotation may name (none by
+    # default: restore registry checkpoints by name instead).
+    allowed_roots = ["/srv/kybernate/golden"]
+    # Checkpoints other namespaces may restore (besides `kybernate checkpoint share`):
+    # by id or namespace/name; namespace "*" is every namespace.
+    shares = [{ checkpoint = "team-a/golden-llm", namespace = "k8s.io", pod_namespace = "team-b" }]
+
     [metrics]
     port = 0                    # 0: no metrics endpoint
 
-    [debug]
-    hold_after_phase = { dumped = 30.0 }   # fault injection for tests
+    [debug]                     # fault injection, for tests only
+    hold_after_phase = { dumped = 30.0 }
+    hold_during_commit = 0.0    # seconds, after the files are hashed and synced
 """
 
 from __future__ import annotations
@@ -45,10 +54,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kybernate.agent import naming
+from kybernate.agent.access import ConfiguredShare, Share
 from kybernate.errors import InvalidArgument
 
 CUDA_BACKENDS = ("auto", "driver", "tool", "fake")
-PHASE_NAMES = ("accepted", "gpu_locked", "gpu_checkpointed", "frozen", "dumped", "resumed", "committed")
+PHASE_NAMES = ("accepted", "admitted", "gpu_locked", "gpu_checkpointed", "frozen", "dumped", "resumed", "committed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +94,10 @@ class AgentConfig:
     min_free_bytes: int = 1 << 30
     s3: S3Config | None = None
     metrics_port: int = 0
+    restore_allowed_roots: tuple[Path, ...] = ()
+    restore_shares: tuple[ConfiguredShare, ...] = ()
     debug_hold_after_phase: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    debug_hold_during_commit_s: float = 0.0
 
     @property
     def registry_path(self) -> Path:
@@ -119,13 +133,14 @@ def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wh
 
 
 _KNOWN = {
-    "": {"socket", "state_dir", "local_tier", "cuda", "checkpoint", "s3", "metrics", "debug"},
+    "": {"socket", "state_dir", "local_tier", "cuda", "checkpoint", "s3", "restore", "metrics", "debug"},
     "cuda": {"backend", "fake_dir", "lock_timeout_ms"},
     "checkpoint": {"open_tcp", "leave_running", "memory_budget_bytes", "min_free_bytes"},
     "s3": {"endpoint_url", "bucket", "prefix", "region", "access_key_id", "secret_access_key",
            "max_attempts", "backoff_base_s", "backoff_max_s", "promote_interval_s"},
+    "restore": {"allowed_roots", "shares"},
     "metrics": {"port"},
-    "debug": {"hold_after_phase"},
+    "debug": {"hold_after_phase", "hold_during_commit"},
 }
 
 
@@ -138,6 +153,30 @@ def _refuse_unknown(data: Mapping[str, Any]) -> None:
             for key in data[section]:
                 if key not in keys:
                     raise InvalidArgument(f"config: unknown key [{section}] {key!r}")
+
+
+def _list(table: Mapping[str, Any], key: str) -> list[Any]:
+    value = table.get(key, [])
+    if not isinstance(value, list):
+        raise InvalidArgument(f"config: {key} must be a list")
+    return value
+
+
+def _configured_share(entry: Any) -> ConfiguredShare:
+    if not isinstance(entry, Mapping) or set(entry) - {"checkpoint", "namespace", "pod_namespace"}:
+        raise InvalidArgument("config: each [restore] shares entry is { checkpoint, namespace, pod_namespace }")
+    checkpoint = entry.get("checkpoint")
+    if not isinstance(checkpoint, str) or not (naming.is_checkpoint_id(checkpoint) or "/" in checkpoint):
+        raise InvalidArgument(f"config: [restore] shares: checkpoint {checkpoint!r} must be an id or"
+                              " namespace/name")
+    if not naming.is_checkpoint_id(checkpoint):
+        owner, _, name = checkpoint.partition("/")
+        naming.containerd_namespace(owner)
+        naming.checkpoint_name(name)
+    namespace, pod_namespace = entry.get("namespace"), entry.get("pod_namespace", "")
+    if not isinstance(namespace, str) or not isinstance(pod_namespace, str):
+        raise InvalidArgument("config: [restore] shares: namespace and pod_namespace are strings")
+    return ConfiguredShare(checkpoint, Share(namespace, pod_namespace))
 
 
 def config_from_mapping(data: Mapping[str, Any]) -> AgentConfig:
@@ -181,6 +220,13 @@ def config_from_mapping(data: Mapping[str, Any]) -> AgentConfig:
                 s3_fields[key] = float(value)
         fields["s3"] = S3Config(**s3_fields)
 
+    restore = _section(data, "restore")
+    roots = restore.get("allowed_roots", [])
+    if not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots):
+        raise InvalidArgument("config: [restore] allowed_roots must be a list of absolute paths")
+    fields["restore_allowed_roots"] = tuple(Path(r) for r in roots)
+    fields["restore_shares"] = tuple(_configured_share(entry) for entry in _list(restore, "shares"))
+
     metrics = _section(data, "metrics")
     if (port := _typed(metrics, "port", int, "[metrics] ")) is not None:
         fields["metrics_port"] = port
@@ -190,6 +236,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> AgentConfig:
     if not isinstance(holds, Mapping):
         raise InvalidArgument("config: [debug] hold_after_phase must be a table of phase = seconds")
     fields["debug_hold_after_phase"] = {str(k).lower(): float(v) for k, v in holds.items()}
+    if (hold := _typed(debug, "hold_during_commit", (int, float), "[debug] ")) is not None:
+        fields["debug_hold_during_commit_s"] = float(hold)
 
     return validate(AgentConfig(**fields))
 
@@ -212,7 +260,7 @@ def validate(config: AgentConfig) -> AgentConfig:
             raise InvalidArgument(f"config: hold_after_phase {phase} is negative")
     if config.s3 is not None and config.s3.max_attempts < 1:
         raise InvalidArgument("config: [s3] max_attempts must be at least 1")
-    for path in (config.socket, config.state_dir, config.local_tier):
+    for path in (config.socket, config.state_dir, config.local_tier, *config.restore_allowed_roots):
         if not path.is_absolute():
             raise InvalidArgument(f"config: {path} must be an absolute path")
     return config

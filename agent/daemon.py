@@ -18,20 +18,33 @@ from pathlib import Path
 
 import grpc
 import psutil
+from kybernate.agent import commit, naming
 from kybernate.agent.checkpoint import HostVersions, PipelineDeps
 from kybernate.agent.config import AgentConfig
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.limits import CheckpointLimits
 from kybernate.agent.metrics import AgentMetrics
-from kybernate.agent.registry import CheckpointState, Registry
+from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier
 from kybernate.agent.server import AgentService
 from kybernate.agent.storage import LocalTier, Promoter, RemoteTier
-from kybernate.errors import AlreadyExists, FailedPrecondition, NotFound
+from kybernate.errors import AlreadyExists, FailedPrecondition, KybernateError, NotFound
 from kybernate.protos import agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 LEFTOVER_REASON = "the agent stopped before the checkpoint committed"
+#: Logs of failed checkpoints (CRIU's dump.log) kept for the operator, newest first.
+FAILED_LOGS_KEPT = 50
+#: What the grace period keeps back for cancelled checkpoints to report on their streams.
+STREAM_FLUSH_S = 5.0
+
+
+def _prune_oldest(directory: Path, keep: int) -> None:
+    if not directory.is_dir():
+        return
+    entries = sorted(directory.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 async def _runc_version() -> str:
@@ -78,9 +91,10 @@ class Agent:
         from kybernate.criu import CriuClient
 
         criu = CriuClient()
-        versions = HostVersions(kernel=os.uname().release, criu=await criu.version(), runc=await _runc_version())
         gpu = await asyncio.to_thread(
             GpuControl, config.cuda_backend, str(config.cuda_fake_dir) if config.cuda_fake_dir else None)
+        versions = HostVersions(kernel=os.uname().release, criu=await criu.version(), runc=await _runc_version(),
+                                cuda_driver=await gpu.driver_version())
         remote = await asyncio.to_thread(RemoteTier, config.s3) if config.s3 else None
         if remote is not None and config.s3 is not None:
             self._promoter = Promoter(remote, self.registry, self.local, config.s3,
@@ -103,16 +117,49 @@ class Agent:
         self.metrics.dirty_checkpoints.set(await self.registry.dirty_count())
 
     async def recover(self) -> None:
-        """Leftovers of a previous agent: staging dirs are failed checkpoints; so are
-        registry rows still `staging` (their directory may be gone already)."""
-        for checkpoint_id, path in self.local.leftover_staging():
+        """Make the registry agree with the disk before the first request.
+
+        - A staging directory whose data is complete (its draft says the dump finished,
+          on this boot) is committed; any other is a failed checkpoint and goes.
+        - A committed directory whose metadata verifies is committed, whatever its row
+          says; a row whose local data is gone (and never reached the remote tier) is
+          failed; a row still `staging` is failed.
+        - A committed directory no row knows (a lost registry) gets its row back.
+        - CRIU work directories of unfinished checkpoints keep their logs with the
+          other failures; only the newest `FAILED_LOGS_KEPT` are kept.
+        """
+        local, registry = self.local, self.registry
+        dirty = self.config.s3 is not None
+        for checkpoint_id, path in local.leftover_staging():
+            document = None
+            if naming.is_checkpoint_id(checkpoint_id) and not local.committed(checkpoint_id).exists():
+                try:
+                    document = await asyncio.to_thread(commit.recover, path, local.committed(checkpoint_id))
+                except (KybernateError, OSError) as exc:
+                    log.error("checkpoint %s: its complete data could not be committed: %s", checkpoint_id, exc)
+            if document is not None:
+                log.warning("committed checkpoint %s, left complete in staging by a stopped agent", checkpoint_id)
+                await asyncio.to_thread(shutil.rmtree, self.config.work_root / checkpoint_id, True)
+                continue  # its row is reconciled below, with the others
             log.warning("removing uncommitted checkpoint %s (%s)", checkpoint_id, path)
             with contextlib.suppress(NotFound):
-                await self.registry.mark_failed(checkpoint_id, LEFTOVER_REASON)
+                await registry.mark_failed(checkpoint_id, LEFTOVER_REASON)
             await asyncio.to_thread(shutil.rmtree, path, True)
-        for row in await self.registry.all(CheckpointState.STAGING):
-            await self.registry.mark_failed(row.id, LEFTOVER_REASON)
-        # CRIU work dirs of those checkpoints: keep their logs with the other failures.
+
+        rows = {row.id: row for row in await registry.all()}
+        for row in rows.values():
+            if local.has(row.id):
+                if row.state is not CheckpointState.COMMITTED:
+                    await self._reconcile_committed(row.id, dirty=dirty)
+            elif row.state is CheckpointState.STAGING:
+                await registry.mark_failed(row.id, LEFTOVER_REASON)
+            elif row.state is CheckpointState.COMMITTED and row.tier is Tier.LOCAL:
+                log.error("checkpoint %s (%s): its data is missing from %s", row.id, row.qualified_name, local.root)
+                await registry.mark_failed(row.id, f"its data is missing from the local tier {local.root}")
+        for checkpoint_id in local.committed_ids():
+            if checkpoint_id not in rows:
+                await self._reconcile_committed(checkpoint_id, dirty=dirty)
+
         if self.config.work_root.is_dir():
             for work in self.config.work_root.iterdir():
                 target = self.config.failed_root / work.name
@@ -120,6 +167,28 @@ class Agent:
                     await asyncio.to_thread(shutil.rmtree, work, True)
                 else:
                     await asyncio.to_thread(shutil.move, str(work), str(target))
+        await asyncio.to_thread(_prune_oldest, self.config.failed_root, FAILED_LOGS_KEPT)
+
+    async def _reconcile_committed(self, checkpoint_id: str, *, dirty: bool) -> None:
+        """A committed directory the registry does not show as committed: verify it,
+        then record it (or leave the row as it is, if it does not verify)."""
+        try:
+            metadata = await asyncio.to_thread(commit.verify, self.local.committed(checkpoint_id))
+            row = CheckpointRow.from_metadata(metadata, tier=Tier.LOCAL, dirty=dirty)
+        except KybernateError as exc:
+            log.error("checkpoint %s in %s does not verify, leaving it alone: %s", checkpoint_id,
+                      self.local.root, exc)
+            return
+        if row.id != checkpoint_id:
+            log.error("checkpoint directory %s holds checkpoint %s; leaving it alone", checkpoint_id, row.id)
+            return
+        try:
+            await self.registry.mark_committed(checkpoint_id, size_bytes=row.size_bytes, file_count=row.file_count,
+                                               checksums=row.checksums, dirty=dirty)
+        except NotFound:
+            row = await self.registry.add_committed(row)
+        log.warning("registry: checkpoint %s (%s) is committed on disk; recorded so", checkpoint_id,
+                    row.qualified_name)
 
     async def _listen(self) -> None:
         path = self.config.socket
@@ -147,13 +216,19 @@ class Agent:
         await self._stopped.wait()
 
     async def stop(self, grace_s: float = 60.0) -> None:
-        """Refuse new calls; give those in flight `grace_s` to finish, then cancel them."""
+        """Refuse new calls; give those in flight `grace_s` to finish, then cancel them.
+
+        Checkpoints are cancelled before their streams close, so that each one's
+        recovery (the container back as it was, or killed by its shim; complete data
+        committed) reaches its shim.
+        """
         owned_socket = self._server is not None
-        if self._server is not None:
-            await self._server.stop(grace_s)
-            self._server = None
+        stopping = asyncio.create_task(self._server.stop(grace_s)) if self._server is not None else None
         if self._service is not None:
-            await self._service.close()
+            await self._service.close(grace_s=max(0.0, grace_s - STREAM_FLUSH_S))
+        if stopping is not None:
+            await stopping
+            self._server = None
         if self._promoter is not None:
             await self._promoter.stop()
         await self.registry.close()

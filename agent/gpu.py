@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from kybernate.cuda import CudaCoordinator, find_cuda_pids, load_backend, report_to_json
+from kybernate.cuda import CudaCoordinator, CudaState, find_cuda_pids, load_backend, report_to_json
 from kybernate.runtime.cgroups import Cgroup
 
 
@@ -49,6 +49,10 @@ class GpuControl:
 
     async def unlock(self, pids: list[int]) -> dict[str, Any]:
         return report_to_json(await self.coordinator.unlock_all(pids)) if pids else {}
+
+    async def states(self, pids: list[int]) -> dict[int, CudaState]:
+        """The driver's checkpoint state of each process."""
+        return {pid: await asyncio.to_thread(self.backend.get_state, pid) for pid in pids}
 
     async def gpus_of(self, pids: list[int]) -> dict[str, int]:
         """GPU UUID -> bytes the given processes hold there."""

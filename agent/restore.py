@@ -1,21 +1,33 @@
-"""The agent's half of a restore: before `runc restore` (fetch, verify, GPU fit) and
-after it (CUDA restore and unlock of the restored processes)."""
+"""The agent's half of a restore: before `runc restore` (authorize, fetch, verify, GPU
+fit) and after it (CUDA restore and unlock of the restored processes).
+
+Three sources, three levels of trust:
+- containerd's own checkpoint directory (CreateTaskRequest.checkpoint): containerd
+  unpacked it from its content store for a client of that namespace; verified;
+- a host directory an annotation named: only under the configured roots; verified;
+- a registry checkpoint (id, name, or namespace/name): only one the restoring
+  namespace took or was given by a share, checked before a byte of it is read.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
-from collections.abc import Mapping
-from datetime import datetime
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kybernate.agent import commit
+from kybernate.agent import access, commit, naming
+from kybernate.agent.access import ConfiguredShare, Party
 from kybernate.agent.gpu import GpuControl
-from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier
+from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier, split_reference
 from kybernate.agent.storage import LocalTier, RemoteTier, fetch
-from kybernate.errors import FailedPrecondition, InvalidArgument, NotFound
+from kybernate.errors import DataLoss, FailedPrecondition, InvalidArgument, KybernateError, NotFound
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,63 +40,99 @@ class PreparedRestore:
 
 class RestorePreparer:
     def __init__(self, registry: Registry, local: LocalTier, remote: RemoteTier | None,
-                 gpu: GpuControl, criu_version: str) -> None:
+                 gpu: GpuControl, criu_version: str, *, allowed_roots: Sequence[Path] = (),
+                 forbidden_roots: Sequence[Path] = (), shares: Sequence[ConfiguredShare] = ()) -> None:
         self._registry = registry
         self._local = local
         self._remote = remote
         self._gpu = gpu
         self._criu_version = criu_version
+        self._allowed_roots = tuple(allowed_roots)
+        self._forbidden_roots = tuple(forbidden_roots)
+        self._configured_shares = tuple(shares)
 
-    async def from_directory(self, directory: Path) -> PreparedRestore:
+    async def from_containerd(self, directory: Path) -> PreparedRestore:
+        """containerd's unpacked checkpoint (its content store already decided who may
+        read it)."""
         if not directory.is_absolute():
             raise InvalidArgument(f"restore: checkpoint directory {directory} must be absolute")
-        metadata = await asyncio.to_thread(commit.verify, directory, criu_version=self._criu_version)
-        return await self._fit(directory, metadata)
+        return await self._verified(directory)
 
-    async def from_registry(self, id_or_name: str) -> PreparedRestore:
-        checkpoint_id = await self._resolve(id_or_name)
-        if self._local.has(checkpoint_id):
-            directory = self._local.committed(checkpoint_id)
-        elif self._remote is not None:
-            directory = await fetch(self._remote, self._local, checkpoint_id, criu_version=self._criu_version)
-        else:
-            raise NotFound(f"checkpoint {id_or_name!r} is not in the local tier and no remote tier is configured")
-        metadata = await asyncio.to_thread(commit.verify, directory, criu_version=self._criu_version)
-        await self._remember(checkpoint_id, metadata)
-        return await self._fit(directory, metadata)
+    async def from_host_directory(self, directory: Path) -> PreparedRestore:
+        real = access.allowed_directory(directory, self._allowed_roots, forbidden=self._forbidden_roots)
+        return await self._verified(real)
 
-    async def _resolve(self, id_or_name: str) -> str:
+    async def from_registry(self, reference: str, requester: Party) -> PreparedRestore:
         try:
-            row = await self._registry.get(id_or_name)
+            row = await self._registry.lookup(reference, requester.namespace)
         except NotFound:
             if self._remote is None:
-                raise
-            # Another node's checkpoint (migration): the bucket knows its name.
-            try:
-                return await asyncio.to_thread(self._remote.resolve_name, id_or_name)
-            except NotFound:
-                return id_or_name  # maybe an id: fetch() says whether it exists
-        if row.state is not CheckpointState.COMMITTED:
-            raise FailedPrecondition(f"checkpoint {id_or_name!r} is {row.state.value}, not committed"
-                                     + (f": {row.error}" if row.error else ""))
-        return row.id
+                raise NotFound(f"checkpoint {reference!r} is not in the registry of {requester}, and no"
+                               " remote tier is configured") from None
+            return await self._from_remote(reference, requester)
+        row = await self._committed(row)
+        shares = [*await self._registry.shares(row.id), *self._shares_of(row.id, row.qualified_name)]
+        access.check_restore(f"checkpoint {reference!r}", row.owner, requester, shares)
+        if self._local.has(row.id):
+            directory = self._local.committed(row.id)
+        elif self._remote is not None:
+            directory = await fetch(self._remote, self._local, row.id, criu_version=self._criu_version)
+        else:
+            raise NotFound(f"checkpoint {reference!r} is not in the local tier and no remote tier is configured")
+        prepared = await self._verified(directory)
+        if prepared.checkpoint_id != row.id or Party.of_metadata(prepared.metadata) != row.owner:
+            raise DataLoss(f"checkpoint {row.id}: {directory} holds another checkpoint"
+                           f" ({prepared.checkpoint_id or 'no id'}); refusing it")
+        return prepared
 
-    async def _remember(self, checkpoint_id: str, metadata: Mapping[str, Any]) -> None:
-        """Record a checkpoint fetched from another node's upload in this registry."""
+    async def _committed(self, row: CheckpointRow) -> CheckpointRow:
+        """The row, committed: a registry that lags behind the disk (the agent stopped
+        between the rename and the row's update) is brought up to date here."""
+        if row.state is CheckpointState.COMMITTED:
+            return row
+        if self._local.has(row.id):
+            try:
+                metadata = await asyncio.to_thread(commit.verify, self._local.committed(row.id))
+            except KybernateError as exc:
+                log.warning("checkpoint %s: committed directory does not verify: %s", row.id, exc)
+            else:
+                await self._registry.mark_committed(
+                    row.id, size_bytes=sum(f["size"] for f in metadata["files"].values()),
+                    file_count=len(metadata["files"]),
+                    checksums={k: v["sha256"] for k, v in metadata["files"].items()}, dirty=row.dirty)
+                return await self._registry.get(row.id)
+        raise FailedPrecondition(f"checkpoint {row.qualified_name} ({row.id}) is {row.state.value}, not"
+                                 " committed" + (f": {row.error}" if row.error else ""))
+
+    async def _from_remote(self, reference: str, requester: Party) -> PreparedRestore:
+        """Another node's checkpoint (migration), found through the bucket's name index."""
+        assert self._remote is not None
+        where = split_reference(reference, requester.namespace)
+        if isinstance(where, str):
+            checkpoint_id = where
+        else:
+            namespace, name = where
+            checkpoint_id = naming.checkpoint_id(
+                await asyncio.to_thread(self._remote.resolve_name, namespace, name))
+        directory = await fetch(self._remote, self._local, checkpoint_id, criu_version=self._criu_version)
+        metadata = await asyncio.to_thread(commit.verify, directory, criu_version=self._criu_version)
+        row = CheckpointRow.from_metadata(metadata, tier=Tier.REMOTE, dirty=False)
         try:
-            await self._registry.get(checkpoint_id)
-            return
-        except NotFound:
-            pass
-        files = metadata["files"]
-        container = metadata.get("container", {})
-        await self._registry.add_committed(CheckpointRow(
-            id=checkpoint_id, name=str(metadata.get("name", checkpoint_id)), state=CheckpointState.COMMITTED,
-            tier=Tier.REMOTE, dirty=False, size_bytes=sum(f["size"] for f in files.values()),
-            file_count=len(files), checksums={k: v["sha256"] for k, v in files.items()},
-            container_id=str(container.get("id", "")), namespace=str(container.get("namespace", "")),
-            image=str(container.get("image", "")),
-            created_at=datetime.fromisoformat(metadata["created_at"]), error=""))
+            access.check_restore(f"checkpoint {reference!r}", row.owner, requester,
+                                 self._shares_of(row.id, row.qualified_name))
+        except KybernateError:
+            # Not ours to keep: nothing of it stays on this node.
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            raise
+        await self._registry.add_committed(row)
+        return await self._fit(directory, metadata)
+
+    def _shares_of(self, checkpoint_id: str, qualified_name: str) -> list[access.Share]:
+        return access.configured_shares(self._configured_shares, checkpoint_id, qualified_name)
+
+    async def _verified(self, directory: Path) -> PreparedRestore:
+        metadata = await asyncio.to_thread(commit.verify, directory, criu_version=self._criu_version)
+        return await self._fit(directory, metadata)
 
     async def _fit(self, directory: Path, metadata: dict[str, Any]) -> PreparedRestore:
         gpu_map = await self._gpu.restore_fit(metadata)

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from kybernate.agent import commit
+from kybernate.agent import commit, naming
 from kybernate.agent.config import S3Config
 from kybernate.agent.registry import Registry
 from kybernate.errors import DataLoss, NotFound, Unavailable
@@ -55,6 +55,13 @@ class LocalTier:
             (p.name[len(commit.STAGING_PREFIX):], p)
             for p in self.root.iterdir() if p.name.startswith(commit.STAGING_PREFIX)
         )
+
+    def committed_ids(self) -> list[str]:
+        """Ids of every committed checkpoint directory (metadata.json present)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if naming.is_checkpoint_id(p.name) and self.has(p.name))
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

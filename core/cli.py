@@ -15,6 +15,7 @@ commands:
   agent [--config FILE] [...]      run the node agent (gRPC on a unix socket)
   checkpoint list [...]            list the checkpoints the agent holds
   checkpoint inspect ID [...]      show one checkpoint's metadata
+  checkpoint share ID --with NS    let another namespace restore it (--revoke: no more)
   demo [--keep]                    run a container through Kybernate on a private
                                    containerd: run, exec, checkpoint, restore, clean up
 """
@@ -27,15 +28,20 @@ def _agent(argv: list[str]) -> int:
 
 
 def _checkpoint(argv: list[str]) -> int:
-    from kybernate.agent.cli import checkpoint_inspect_main, checkpoint_list_main
+    from kybernate.agent.cli import (
+        checkpoint_inspect_main,
+        checkpoint_list_main,
+        checkpoint_share_main,
+    )
 
     commands: dict[str, Callable[[list[str]], int]] = {
         "list": checkpoint_list_main,
         "ls": checkpoint_list_main,
         "inspect": checkpoint_inspect_main,
+        "share": checkpoint_share_main,
     }
     if not argv or argv[0] not in commands:
-        print("usage: kybernate checkpoint {list|inspect ID} [--socket PATH]", file=sys.stderr)
+        print("usage: kybernate checkpoint {list|inspect ID|share ID --with NS} [--socket PATH]", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

@@ -9,7 +9,9 @@ other code reaches the user as "unknown", so prefer those where they fit.
 
 from __future__ import annotations
 
+import copy
 import enum
+from typing import Self
 
 
 class StatusCode(enum.IntEnum):
@@ -45,6 +47,14 @@ class KybernateError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def with_message(self, message: str) -> Self:
+        """The same error (class, code and every field) saying `message` instead:
+        for adding context on the way up without losing what the error carries."""
+        other = copy.copy(self)
+        other.message = message
+        other.args = (message,)
+        return other
 
 
 class Cancelled(KybernateError):

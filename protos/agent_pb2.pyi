@@ -18,6 +18,7 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESUMED: _ClassVar[Phase]
     COMMITTED: _ClassVar[Phase]
     FAILED: _ClassVar[Phase]
+    ADMITTED: _ClassVar[Phase]
 
 class ContainerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -35,6 +36,7 @@ DUMPED: Phase
 RESUMED: Phase
 COMMITTED: Phase
 FAILED: Phase
+ADMITTED: Phase
 CONTAINER_STATE_UNSPECIFIED: ContainerState
 UNTOUCHED: ContainerState
 RESTORED: ContainerState
@@ -62,7 +64,7 @@ class CheckpointOptions(_message.Message):
     def __init__(self, exit: _Optional[bool] = ..., open_tcp: _Optional[bool] = ..., external_unix_sockets: _Optional[bool] = ..., terminal: _Optional[bool] = ..., file_locks: _Optional[bool] = ..., rootfs_diff: _Optional[bool] = ..., gpu_lock_timeout_ms: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("container_id", "namespace", "bundle", "runc_root", "init_pid", "destination", "name", "options", "image_ref", "labels")
+    __slots__ = ("container_id", "namespace", "bundle", "runc_root", "init_pid", "destination", "name", "options", "image_ref", "labels", "pod_namespace")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +82,7 @@ class CheckpointRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_REF_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     namespace: str
     bundle: str
@@ -90,7 +93,8 @@ class CheckpointRequest(_message.Message):
     options: CheckpointOptions
     image_ref: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, container_id: _Optional[str] = ..., namespace: _Optional[str] = ..., bundle: _Optional[str] = ..., runc_root: _Optional[str] = ..., init_pid: _Optional[int] = ..., destination: _Optional[str] = ..., name: _Optional[str] = ..., options: _Optional[_Union[CheckpointOptions, _Mapping]] = ..., image_ref: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    pod_namespace: str
+    def __init__(self, container_id: _Optional[str] = ..., namespace: _Optional[str] = ..., bundle: _Optional[str] = ..., runc_root: _Optional[str] = ..., init_pid: _Optional[int] = ..., destination: _Optional[str] = ..., name: _Optional[str] = ..., options: _Optional[_Union[CheckpointOptions, _Mapping]] = ..., image_ref: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pod_namespace: _Optional[str] = ...) -> None: ...
 
 class CheckpointProgress(_message.Message):
     __slots__ = ("phase", "checkpoint_id", "local_path", "elapsed_ms", "error_code", "error_message", "container_state", "cuda_pids")
@@ -113,12 +117,18 @@ class CheckpointProgress(_message.Message):
     def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., checkpoint_id: _Optional[str] = ..., local_path: _Optional[str] = ..., elapsed_ms: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., container_state: _Optional[_Union[ContainerState, str]] = ..., cuda_pids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrepareRestoreRequest(_message.Message):
-    __slots__ = ("directory", "checkpoint")
+    __slots__ = ("directory", "checkpoint", "host_directory", "namespace", "pod_namespace")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    HOST_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     directory: str
     checkpoint: str
-    def __init__(self, directory: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+    host_directory: str
+    namespace: str
+    pod_namespace: str
+    def __init__(self, directory: _Optional[str] = ..., checkpoint: _Optional[str] = ..., host_directory: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_namespace: _Optional[str] = ...) -> None: ...
 
 class PrepareRestoreResponse(_message.Message):
     __slots__ = ("image_dir", "metadata_json", "gpu_map", "checkpoint_id")
@@ -179,7 +189,7 @@ class GpuLockResponse(_message.Message):
     def __init__(self, cuda_pids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CheckpointRecord(_message.Message):
-    __slots__ = ("id", "name", "state", "tier", "dirty", "size_bytes", "file_count", "container_id", "namespace", "image", "created_at", "error", "local_path")
+    __slots__ = ("id", "name", "state", "tier", "dirty", "size_bytes", "file_count", "container_id", "namespace", "image", "created_at", "error", "local_path", "pod_namespace", "shared_with")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +203,8 @@ class CheckpointRecord(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PATH_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WITH_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     state: str
@@ -206,7 +218,9 @@ class CheckpointRecord(_message.Message):
     created_at: str
     error: str
     local_path: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tier: _Optional[str] = ..., dirty: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., file_count: _Optional[int] = ..., container_id: _Optional[str] = ..., namespace: _Optional[str] = ..., image: _Optional[str] = ..., created_at: _Optional[str] = ..., error: _Optional[str] = ..., local_path: _Optional[str] = ...) -> None: ...
+    pod_namespace: str
+    shared_with: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tier: _Optional[str] = ..., dirty: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., file_count: _Optional[int] = ..., container_id: _Optional[str] = ..., namespace: _Optional[str] = ..., image: _Optional[str] = ..., created_at: _Optional[str] = ..., error: _Optional[str] = ..., local_path: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., shared_with: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
     __slots__ = ("state",)
@@ -219,6 +233,24 @@ class ListCheckpointsResponse(_message.Message):
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointRecord]
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointRecord, _Mapping]]] = ...) -> None: ...
+
+class ShareCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint", "namespace", "pod_namespace", "revoke")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    namespace: str
+    pod_namespace: str
+    revoke: bool
+    def __init__(self, checkpoint: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., revoke: _Optional[bool] = ...) -> None: ...
+
+class ShareCheckpointResponse(_message.Message):
+    __slots__ = ("record",)
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    record: CheckpointRecord
+    def __init__(self, record: _Optional[_Union[CheckpointRecord, _Mapping]] = ...) -> None: ...
 
 class InspectCheckpointRequest(_message.Message):
     __slots__ = ("checkpoint",)

@@ -64,6 +64,11 @@ class AgentStub:
                 request_serializer=kybernate_dot_protos_dot_agent__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=kybernate_dot_protos_dot_agent__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.ShareCheckpoint = channel.unary_unary(
+                '/kybernate.agent.v1.Agent/ShareCheckpoint',
+                request_serializer=kybernate_dot_protos_dot_agent__pb2.ShareCheckpointRequest.SerializeToString,
+                response_deserializer=kybernate_dot_protos_dot_agent__pb2.ShareCheckpointResponse.FromString,
+                _registered_method=True)
         self.InspectCheckpoint = channel.unary_unary(
                 '/kybernate.agent.v1.Agent/InspectCheckpoint',
                 request_serializer=kybernate_dot_protos_dot_agent__pb2.InspectCheckpointRequest.SerializeToString,
@@ -122,6 +127,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareCheckpoint(self, request, context):
+        """Lets other namespaces restore a checkpoint (a golden snapshot for many pods), or
+        takes that back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def InspectCheckpoint(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -166,6 +179,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=kybernate_dot_protos_dot_agent__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=kybernate_dot_protos_dot_agent__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'ShareCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareCheckpoint,
+                    request_deserializer=kybernate_dot_protos_dot_agent__pb2.ShareCheckpointRequest.FromString,
+                    response_serializer=kybernate_dot_protos_dot_agent__pb2.ShareCheckpointResponse.SerializeToString,
             ),
             'InspectCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.InspectCheckpoint,
@@ -340,6 +358,33 @@ class Agent:
             '/kybernate.agent.v1.Agent/ListCheckpoints',
             kybernate_dot_protos_dot_agent__pb2.ListCheckpointsRequest.SerializeToString,
             kybernate_dot_protos_dot_agent__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kybernate.agent.v1.Agent/ShareCheckpoint',
+            kybernate_dot_protos_dot_agent__pb2.ShareCheckpointRequest.SerializeToString,
+            kybernate_dot_protos_dot_agent__pb2.ShareCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import os
 import re
+import signal
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -23,6 +24,11 @@ from kybernate.errors import DeadlineExceeded, FailedPrecondition, InvalidArgume
 
 MOUNTINFO = "/proc/self/mountinfo"
 DEFAULT_STATE_TIMEOUT = 10.0
+#: How long killing a cgroup's processes may take before it is reported stuck.
+KILL_TIMEOUT = 10.0
+#: How long the freeze before a v1 kill may take: a task in uninterruptible sleep can
+#: hold the cgroup FREEZING, and then the kill goes ahead anyway.
+KILL_FREEZE_TIMEOUT = 1.0
 #: memory.events has no eventfd; it is polled this often for new oom_kill counts.
 V2_OOM_POLL_INTERVAL = 0.5
 #: The controllers whose directory we look in for procs, in order of preference.
@@ -203,6 +209,46 @@ class Cgroup(abc.ABC):
     def exists(self) -> bool:
         """Whether the cgroup directory is still there."""
         return os.path.isdir(self.procs_dir())
+
+    async def kill(self, timeout: float = KILL_TIMEOUT) -> list[int]:
+        """SIGKILL every process in the cgroup, none forking past it, and wait until
+        the cgroup holds none (zombies leave cgroup.procs at exit); the pids signalled.
+        A cgroup that is already gone has nothing to kill."""
+        if not self.exists():
+            return []
+        victims = await self._kill_all()
+        await _until(lambda: not self._live_pids(), timeout,
+                     f"processes of cgroup {self.procs_dir()} still alive after SIGKILL")
+        return victims
+
+    async def _kill_all(self) -> list[int]:
+        """Freeze, list, SIGKILL, thaw: frozen tasks cannot fork, and die once thawed."""
+        try:
+            await self.freeze(KILL_FREEZE_TIMEOUT)
+        except (DeadlineExceeded, NotFound, OSError):
+            pass  # a task in uninterruptible sleep holds FREEZING: kill what is there
+        victims = self._signal_all(signal.SIGKILL)
+        try:
+            await self.thaw(KILL_FREEZE_TIMEOUT)
+        except (DeadlineExceeded, NotFound, OSError):
+            pass
+        return victims
+
+    def _live_pids(self) -> list[int]:
+        try:
+            pids = self.pids()
+        except OSError:
+            return []
+        if pids:  # stragglers (a task that was in the middle of fork): again
+            self._signal_all(signal.SIGKILL, pids)
+        return pids
+
+    def _signal_all(self, signum: int, pids: list[int] | None = None) -> list[int]:
+        victims = self.pids() if pids is None else pids
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+        return victims
 
 
 class CgroupV1(Cgroup):
@@ -389,6 +435,14 @@ class CgroupV2(Cgroup):
     async def thaw(self, timeout: float = DEFAULT_STATE_TIMEOUT) -> None:
         _write(self.path, "cgroup.freeze", "0")
         await _until(lambda: not self.is_frozen(), timeout, f"cgroup {self.path} did not thaw")
+
+    async def _kill_all(self) -> list[int]:
+        # cgroup.kill (Linux 5.14) kills the whole subtree at once, forks included.
+        if not os.path.exists(os.path.join(self.path, "cgroup.kill")):
+            return await super()._kill_all()
+        victims = self.pids()
+        _write(self.path, "cgroup.kill", "1")
+        return victims
 
     def stats(self) -> Message:
         from kybernate.protos import cgroups_v2_metrics_pb2 as v2

@@ -10,10 +10,12 @@ pid) with its OOM watch, and the exec processes by id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,6 +207,10 @@ class Container:
             self._rootfs = None
         return exit_
 
+    async def kill_everything(self) -> int:
+        """SIGKILL every process of the container (see `kill_everything`)."""
+        return await kill_everything(self.id, self.pid, self.runc, self._cgroup)
+
     @property
     def kill_all_on_init_exit(self) -> bool:
         """runc's shim rule: without a private pid namespace, the execs outlive the
@@ -257,6 +263,33 @@ class Container:
         if self._oom_watch is not None:
             self._oom_watch.cancel()
             self._oom_watch = None
+
+
+async def kill_everything(container_id: str, init_pid: int, runc: Runc,
+                         cgroup: Cgroup | None = None) -> int:
+    """SIGKILL every process of a container at once and make sure they die; how many
+    were signalled. For a container whose state is undefined (half checkpointed, half
+    restored): the whole cgroup, not the init alone (a CUDA-locked or half-seized child
+    must not outlive it), frozen or not, then `runc kill --all 9` as a backstop. The
+    reaper sees the init's exit as usual."""
+    if cgroup is None and init_pid > 0:
+        with contextlib.suppress(KybernateError, OSError):
+            cgroup = Cgroup.for_pid(init_pid)
+    victims: set[int] = set()
+    if cgroup is not None:
+        try:
+            victims.update(await cgroup.kill())
+        except (KybernateError, OSError) as err:
+            log.warning("container %s: killing its cgroup: %s", container_id, err)
+    if init_pid > 0:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(init_pid, signal.SIGKILL)
+            victims.add(init_pid)
+    try:
+        await runc.kill(container_id, signal.SIGKILL, all=True)
+    except KybernateError as err:  # already gone is the expected answer
+        log.debug("container %s: runc kill --all after SIGKILL: %s", container_id, err)
+    return len(victims)
 
 
 def _mount_rootfs(bundle: Path, mounts: list[Any]) -> Path | None:

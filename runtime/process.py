@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kybernate.errors import (
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -58,6 +59,8 @@ class ProcessState(enum.Enum):
     RUNNING = "running"
     PAUSING = "pausing"
     PAUSED = "paused"
+    #: The node agent is checkpointing the container; Kill aborts the checkpoint.
+    CHECKPOINTING = "checkpointing"
     STOPPED = "stopped"
     DELETED = "deleted"
 
@@ -150,7 +153,7 @@ _INIT_TABLE: dict[ProcessState, dict[Operation, Rule]] = {
         Op.PAUSE: Proceed(during=S.PAUSING, then=S.PAUSED),
         Op.RESUME: _no("cannot resume a running process"),
         Op.UPDATE: Proceed(),
-        Op.CHECKPOINT: Proceed(),
+        Op.CHECKPOINT: Proceed(during=S.CHECKPOINTING),
         Op.RESIZE: Proceed(),
         Op.CLOSE_IO: Proceed(),
         Op.EXEC: Proceed(),
@@ -179,10 +182,26 @@ _INIT_TABLE: dict[ProcessState, dict[Operation, Rule]] = {
         Op.PAUSE: _no("cannot pause a paused container"),
         Op.RESUME: Proceed(then=S.RUNNING),
         Op.UPDATE: Proceed(),
-        Op.CHECKPOINT: Proceed(),
+        Op.CHECKPOINT: Proceed(during=S.CHECKPOINTING),
         Op.RESIZE: Proceed(),
         Op.CLOSE_IO: Proceed(),
         Op.EXEC: _no("cannot exec in a paused state"),
+        Op.SET_EXITED: Proceed(then=S.STOPPED),
+    },
+    # The checkpoint runs without the process lock, so every operation is decided at
+    # once: a kill aborts the checkpoint and goes through, whatever the agent is doing.
+    S.CHECKPOINTING: {
+        Op.START: _no("cannot start a process being checkpointed"),
+        Op.KILL: Proceed(),
+        Op.KILL_ALL: Proceed(),
+        Op.DELETE: _no("cannot delete a process being checkpointed"),
+        Op.PAUSE: _no("cannot pause a process being checkpointed"),
+        Op.RESUME: _no("cannot resume a process being checkpointed"),
+        Op.UPDATE: _no("cannot update a process being checkpointed"),
+        Op.CHECKPOINT: _no("a checkpoint of this process is already in progress"),
+        Op.RESIZE: Proceed(),
+        Op.CLOSE_IO: Proceed(),
+        Op.EXEC: _no("cannot exec in a process being checkpointed"),
         Op.SET_EXITED: Proceed(then=S.STOPPED),
     },
     S.STOPPED: {
@@ -349,6 +368,11 @@ class Process:
     def exited_at(self) -> datetime.datetime | None:
         return self._exit.at if self._exit else None
 
+    @property
+    def reported_state(self) -> ProcessState:
+        """The state containerd is told about (State RPC, exec processes' view)."""
+        return self.state
+
     def rule(self, operation: Operation) -> Rule:
         return transition_rule(self.kind, self._state, operation)
 
@@ -464,6 +488,10 @@ class RestoreStrategy(Protocol):
 
     async def restore(self, process: InitProcess) -> int: ...
 
+    async def release(self, process: InitProcess) -> None:
+        """The init is deleted without its restore having run: let go of what Create
+        prepared for it (a temporary copy of the images)."""
+
 
 class RuncRestore:
     """The default restore: `runc restore --detach` from the checkpoint directory."""
@@ -483,6 +511,9 @@ class RuncRestore:
             )
 
         return await process.launch(run_restore)
+
+    async def release(self, process: InitProcess) -> None:
+        return None
 
 
 class InitProcess(Process):
@@ -504,6 +535,9 @@ class InitProcess(Process):
         self.restore_strategy: RestoreStrategy = restore_strategy or RuncRestore()
         self.pid_file = bundle / "init.pid"
         self._created = False
+        self._checkpoint: asyncio.Future[None] | None = None
+        self._checkpoint_entry = ProcessState.RUNNING
+        self._abort_reason: str | None = None
 
     @property
     def kind(self) -> ProcessKind:
@@ -559,16 +593,29 @@ class InitProcess(Process):
         return self._pid
 
     async def kill(self, signal: int, *, all: bool = False) -> None:
-        """Signal the init, or with `all` every process of the container."""
-        async with self._operation(Operation.KILL_ALL if all else Operation.KILL):
-            try:
-                await self.runc.kill(self.id, signal, all=all)
-            except ProcessNotFound:
-                raise NotFound("process already finished") from None
+        """Signal the init, or with `all` every process of the container.
+
+        During a checkpoint the kill first aborts it: the checkpointer's cancellation
+        path SIGKILLs a container whose state it left undefined. A signal that then
+        finds the process gone has done its job.
+        """
+        aborted = await self._abort_checkpoint(f"signal {signal} was sent to {self.id}")
+        try:
+            async with self._operation(Operation.KILL_ALL if all else Operation.KILL):
+                try:
+                    await self.runc.kill(self.id, signal, all=all)
+                except ProcessNotFound:
+                    raise NotFound("process already finished") from None
+        except NotFound:
+            if not aborted:
+                raise
+            log.info("%s: killed while its checkpoint was aborted", self.id)
 
     async def delete(self) -> Exit:
         """`runc delete`, close stdio; the exit (unknown status if it never exited)."""
         async with self._operation(Operation.DELETE):
+            if self.checkpoint_dir and self._pid == 0:
+                await self.restore_strategy.release(self)  # its restore never ran
             # runc first: deleting a created container kills its init, which is what
             # lets the stdio copy see end of file.
             try:
@@ -603,9 +650,53 @@ class InitProcess(Process):
                 raise rule.exception()
 
     async def checkpoint(self, run: Callable[[], Awaitable[None]]) -> None:
-        """Run a checkpoint (`run`) while the state machine allows one, lock held."""
-        async with self._operation(Operation.CHECKPOINT):
-            await run()
+        """Run a checkpoint (`run`) in the CHECKPOINTING state.
+
+        The process lock is held only to enter that state, never while the checkpoint
+        runs (it may wait on a hung agent for minutes): every other operation is
+        decided by the table at once, and a Kill aborts the checkpoint, which then
+        fails with Cancelled. Afterwards the process is back in the state it entered
+        from, unless it exited meanwhile.
+        """
+        async with self._lock:
+            rule = self.rule(Operation.CHECKPOINT)
+            if isinstance(rule, Refuse):
+                raise rule.exception()
+            assert isinstance(rule, Proceed) and rule.during is not None
+            entry = self._checkpoint_entry = self._state
+            self._state = rule.during
+            task = self._checkpoint = asyncio.ensure_future(run())
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if (current is not None and current.cancelling()) or self._abort_reason is None:
+                raise  # our caller is being cancelled, not aborted by a Kill
+            raise Cancelled(f"checkpoint of {self.id} abandoned: {self._abort_reason}") from None
+        finally:
+            self._checkpoint = None
+            self._abort_reason = None
+            if self._state is ProcessState.CHECKPOINTING:  # no exit landed meanwhile
+                self._state = entry
+
+    async def _abort_checkpoint(self, reason: str) -> bool:
+        """Cancel the checkpoint in flight and wait for its cancellation path (the kill
+        policy) to finish; whether there was one."""
+        task = self._checkpoint
+        if task is None or task.done():
+            return False
+        log.warning("%s: aborting its checkpoint: %s", self.id, reason)
+        self._abort_reason = reason
+        task.cancel(reason)
+        await asyncio.wait([task])
+        return True
+
+    @property
+    def reported_state(self) -> ProcessState:
+        # containerd has no word for a checkpoint in progress: it sees what it left.
+        if self._state is ProcessState.CHECKPOINTING:
+            return self._checkpoint_entry
+        return self._state
 
     async def set_exited(self, status: int, at: datetime.datetime | None = None) -> None:
         was_paused = self._state in (ProcessState.PAUSED, ProcessState.PAUSING)
@@ -639,7 +730,7 @@ class ExecProcess(Process):
     @property
     def state(self) -> ProcessState:
         # A running exec is paused whenever its container is.
-        parent_state = self.parent.state
+        parent_state = self.parent.reported_state
         if self._state is ProcessState.RUNNING and parent_state in (
                 ProcessState.PAUSED, ProcessState.PAUSING):
             return parent_state
@@ -647,6 +738,9 @@ class ExecProcess(Process):
 
     async def start(self) -> int:
         async with self._operation(Operation.START):
+            if self.parent.state is ProcessState.CHECKPOINTING:
+                # runc exec would stall on the frozen cgroup, and CRIU would miss it.
+                raise FailedPrecondition("cannot start an exec while its container is being checkpointed")
             try:
                 self._pid = await self._launch(self._run_exec, self.pid_file)
             except BaseException:

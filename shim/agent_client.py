@@ -142,6 +142,10 @@ class AgentClient:
                                  timeout: float | None = None) -> agent_pb2.InspectCheckpointResponse:
         return await self._unary("InspectCheckpoint", request, timeout)
 
+    async def share_checkpoint(self, request: agent_pb2.ShareCheckpointRequest, *,
+                               timeout: float | None = None) -> agent_pb2.ShareCheckpointResponse:
+        return await self._unary("ShareCheckpoint", request, timeout)
+
     async def status(self, *, timeout: float | None = None) -> agent_pb2.StatusResponse:
         from kybernate.protos import agent_pb2
 

@@ -38,6 +38,8 @@ ANNOTATION_AGENT_SOCKET = "io.kybernate.agent-socket"
 ANNOTATION_RESTORE_FROM = "io.kybernate.restore-from"
 CHECKPOINT_ANNOTATION_PREFIX = "io.kybernate.checkpoint."
 ENV_AGENT_SOCKET = "KYBERNATE_AGENT_SOCKET"
+#: Set by containerd's CRI plugin on every container of a pod: the pod's namespace.
+POD_NAMESPACE_ANNOTATION = "io.kubernetes.cri.sandbox-namespace"
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})

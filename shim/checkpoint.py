@@ -1,16 +1,18 @@
 """Checkpoint through the node agent, with the kill policy; GPU locks around Pause.
 
-The agent runs the pipeline and streams one progress message per phase. What the
-shim decides is what happens to the container when the pipeline does not finish:
+The agent runs the pipeline and streams one progress message per phase, so the shim
+always knows how far it got. What the shim decides is what happens to the container
+when the pipeline does not finish:
 
-| what happened | container | error |
-|---|---|---|
-| agent unreachable, or refused before ACCEPTED | untouched, still running | Unavailable naming the socket / the agent's error |
-| FAILED with UNTOUCHED or RESTORED | running as before (the agent restored it) | the agent's error (CRIU's line) |
-| FAILED with EXITED | CRIU killed it; the reaper publishes the exit | the agent's error |
-| FAILED with MUST_KILL, stream broken or agent dead after ACCEPTED, shim deadline passed | SIGKILLed at once; the reaper publishes the exit | FailedPrecondition / Unavailable / DeadlineExceeded naming the phase and the kill |
+| how far the agent got | what went wrong | container | error |
+|---|---|---|---|
+| not reachable, or refused | - | untouched, still as it was | Unavailable naming the socket / the agent's error |
+| ACCEPTED (waiting for admission) | anything | untouched | the cause |
+| ADMITTED .. DUMPED | FAILED with RESTORED | running (or paused) as before | the agent's error (CRIU's line) |
+| ADMITTED .. DUMPED | FAILED with MUST_KILL; stream broken; agent dead or hung past the deadline; a Kill arrived | SIGKILLed at once; the reaper publishes the exit | FailedPrecondition / Unavailable / DeadlineExceeded / Cancelled naming the phase and the kill |
+| RESUMED (or DUMPED with `exit`) | anything before COMMITTED | as the dump left it: running, or exited | the cause; the agent commits or fails the checkpoint on its own |
 
-The processes of a half-checkpointed container may be CUDA-locked, frozen or
+Between ADMITTED and the end of the dump the processes may be CUDA-locked, frozen or
 half-seized by CRIU; resuming them is not safe, so they are killed, never resumed.
 
 grpc is loaded by the agent client on first use: only a checkpoint or a pause with
@@ -20,10 +22,8 @@ an agent present pays for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,16 +32,18 @@ from kybernate.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     KybernateError,
+    NotFound,
     StatusCode,
     Unavailable,
     error_from_status,
 )
-from kybernate.runtime.cgroups import Cgroup
 from kybernate.shim.agent_client import AgentClient
 from kybernate.shim.agent_settings import (
+    POD_NAMESPACE_ANNOTATION,
     agent_checkpoint_options,
     agent_socket,
     checkpoint_settings,
+    spec_annotations,
 )
 
 if TYPE_CHECKING:
@@ -57,51 +59,28 @@ DEFAULT_CHECKPOINT_DEADLINE_S = 1800.0
 #: Added to the container's own deadline-ms: the agent reports its deadline itself
 #: (FAILED, MUST_KILL); the shim steps in only when the agent cannot.
 SHIM_DEADLINE_GRACE_S = 10.0
-#: How long thawing may take while killing (a frozen v1 task dies only once thawed).
-KILL_THAW_TIMEOUT_S = 5.0
 #: For LockGpu/UnlockGpu calls beyond the lock timeout itself.
 GPU_CALL_TIMEOUT_S = 60.0
+#: Retrying an unlock the agent could not take (it is down): from 0.5 s up to 30 s apart.
+UNLOCK_RETRY_FIRST_S = 0.5
+UNLOCK_RETRY_MAX_S = 30.0
 #: The image reference containerd's CRI plugin records in the spec.
 IMAGE_NAME_ANNOTATIONS = ("io.kubernetes.cri.image-name", "io.containerd.image.name")
-
-
-async def kill_container(container: Container) -> None:
-    """SIGKILL every process of the container at once, then make sure they die.
-
-    The pids of its cgroup first (all of them, not the init alone: a CUDA-locked or
-    half-seized child must not outlive it), then thaw the freezer (a task frozen in
-    cgroup v1 does not die until thawed), then `runc kill --all 9` as a backstop.
-    The reaper sees the init's exit and the service publishes /tasks/exit as usual.
-    """
-    cgroup = container.cgroup
-    if cgroup is None and container.pid > 0:
-        with contextlib.suppress(KybernateError, OSError):
-            cgroup = Cgroup.for_pid(container.pid)
-    pids: set[int] = {container.pid} if container.pid > 0 else set()
-    if cgroup is not None:
-        try:
-            pids.update(cgroup.pids())
-        except (KybernateError, OSError) as err:
-            log.warning("container %s: cannot list its cgroup's pids: %s", container.id, err)
-    for pid in sorted(pids):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    if cgroup is not None:
-        try:
-            await cgroup.thaw(KILL_THAW_TIMEOUT_S)
-        except (KybernateError, OSError) as err:
-            log.warning("container %s: thawing after SIGKILL: %s", container.id, err)
-    try:
-        await container.runc.kill(container.id, signal.SIGKILL, all=True)
-    except KybernateError as err:  # already gone is the expected answer
-        log.debug("container %s: runc kill --all after SIGKILL: %s", container.id, err)
-    log.warning("container %s: killed %d process(es) after a failed checkpoint", container.id, len(pids))
 
 
 def _phase_name(phase: int) -> str:
     from kybernate.protos import agent_pb2
 
     return agent_pb2.Phase.Name(phase) if phase else "none"
+
+
+def _undefined_after(phase: int) -> bool:
+    """Whether a container the agent left after `phase` may be locked, frozen or
+    half-seized (and so must be killed if the pipeline goes no further)."""
+    from kybernate.protos import agent_pb2
+
+    return phase in (agent_pb2.ADMITTED, agent_pb2.GPU_LOCKED, agent_pb2.GPU_CHECKPOINTED,
+                     agent_pb2.FROZEN, agent_pb2.DUMPED)
 
 
 class AgentCheckpointer:
@@ -118,7 +97,7 @@ class AgentCheckpointer:
                  options: CheckpointRequestOptions) -> agent_pb2.CheckpointRequest:
         from kybernate.protos import agent_pb2
 
-        annotations = container.spec.get("annotations") or {}
+        annotations = spec_annotations(container.spec)
         image_ref = next((annotations[k] for k in IMAGE_NAME_ANNOTATIONS if annotations.get(k)), "")
         return agent_pb2.CheckpointRequest(
             container_id=container.id, namespace=container.namespace, bundle=str(container.bundle),
@@ -126,7 +105,8 @@ class AgentCheckpointer:
             # containerd 2.x honours image_path for any runtime and then packs nothing.
             destination=options.image_path or path,
             options=agent_checkpoint_options(checkpoint_settings(container.spec), options),
-            image_ref=image_ref, labels={"containerd.namespace": container.namespace})
+            image_ref=image_ref, labels={"containerd.namespace": container.namespace},
+            pod_namespace=annotations.get(POD_NAMESPACE_ANNOTATION, ""))
 
     async def checkpoint(self, container: Container, path: str,
                          options: CheckpointRequestOptions) -> None:
@@ -141,19 +121,20 @@ class AgentCheckpointer:
         except TimeoutError:
             if run.committed:  # only the end of the stream was late
                 return
-            if not run.accepted:
+            if run.undefined:
+                await container.kill_everything()
                 raise DeadlineExceeded(
-                    f"checkpoint of {container.id}: kybernate agent at {socket} did not accept within "
-                    f"{deadline_s:.0f}s; container untouched") from None
-            await kill_container(container)
+                    f"checkpoint of {container.id}: no completion within {deadline_s:.0f}s (last phase "
+                    f"{run.last_phase}); the container was killed") from None
             raise DeadlineExceeded(
                 f"checkpoint of {container.id}: no completion within {deadline_s:.0f}s (last phase "
-                f"{run.last_phase}); the container was killed") from None
+                f"{run.last_phase}); {run.condition()}") from None
         except asyncio.CancelledError:
-            if run.accepted and not run.finished:
+            # A Kill aborted the checkpoint, or our caller went away.
+            if run.undefined and not run.finished:
                 log.warning("container %s: checkpoint cancelled after phase %s; killing it",
                             container.id, run.last_phase)
-                await kill_container(container)
+                await container.kill_everything()
             raise
 
 
@@ -163,12 +144,28 @@ class _CheckpointRun:
     def __init__(self, container: Container, socket: Path) -> None:
         self.container = container
         self.socket = socket
-        self.accepted = False
+        self.phase = 0
         self.committed = False
         # Committed, or failed with the kill policy applied: nothing left to do.
         self.finished = False
-        self.last_phase = "none"
         self.failure: agent_pb2.CheckpointProgress | None = None
+
+    @property
+    def last_phase(self) -> str:
+        return _phase_name(self.phase)
+
+    @property
+    def undefined(self) -> bool:
+        return _undefined_after(self.phase)
+
+    def condition(self) -> str:
+        """What the container is like now, for messages (when not undefined)."""
+        from kybernate.protos import agent_pb2
+
+        if self.phase in (0, agent_pb2.ACCEPTED):
+            return "the container was not touched"
+        return ("the container was resumed as it was; the agent commits the checkpoint or marks it "
+                "failed on its own")
 
     async def stream(self, request: agent_pb2.CheckpointRequest, connect_timeout_s: float) -> None:
         from kybernate.protos import agent_pb2
@@ -180,8 +177,7 @@ class _CheckpointRun:
                     if progress.phase == agent_pb2.FAILED:
                         self.failure = progress
                         continue
-                    self.accepted = True
-                    self.last_phase = _phase_name(progress.phase)
+                    self.phase = progress.phase
                     log.info("checkpoint of %s: %s after %d ms%s", container.id, self.last_phase,
                              progress.elapsed_ms,
                              f" (CUDA pids {list(progress.cuda_pids)})" if progress.cuda_pids else "")
@@ -193,7 +189,8 @@ class _CheckpointRun:
             await self._failed(err)
             return
         if self.failure is not None:  # a FAILED message, then a clean end: still a failure
-            await self._failed(error_from_status(self.failure.error_code or StatusCode.INTERNAL, self.failure.error_message))
+            await self._failed(error_from_status(self.failure.error_code or StatusCode.INTERNAL,
+                                                 self.failure.error_message))
         elif not self.finished:
             await self._failed(Unavailable("the stream ended before COMMITTED"))
 
@@ -205,27 +202,29 @@ class _CheckpointRun:
         self.finished = True
         failure = self.failure
         if failure is None:
-            if not self.accepted:
+            if self.phase == 0:
                 if isinstance(err, Unavailable):
                     raise Unavailable(f"checkpoint of {container.id}: {err} (container untouched)") from None
-                raise type(err)(f"checkpoint of {container.id} refused: {err}") from None
-            # The stream broke after ACCEPTED without the agent saying what it left.
-            await kill_container(container)
+                raise err.with_message(f"checkpoint of {container.id} refused: {err}") from None
+            if self.undefined:  # the stream broke with the container in the agent's hands
+                await container.kill_everything()
+                raise Unavailable(f"checkpoint of {container.id}: lost the kybernate agent at {self.socket} "
+                                  f"after phase {self.last_phase} ({err}); the container was killed") from None
             raise Unavailable(f"checkpoint of {container.id}: lost the kybernate agent at {self.socket} "
-                              f"after phase {self.last_phase} ({err}); the container was killed") from None
+                              f"after phase {self.last_phase} ({err}); {self.condition()}") from None
         state = failure.container_state
         message = failure.error_message or str(err)
         if state == agent_pb2.MUST_KILL:
-            await kill_container(container)
+            await container.kill_everything()
             raise FailedPrecondition(f"checkpoint of {container.id} failed after phase {self.last_phase}: "
                                      f"{message}; the container was killed")
         if state == agent_pb2.EXITED:
-            raise type(err)(f"checkpoint of {container.id} failed after phase {self.last_phase}: {message}; "
-                            "the container had exited (CRIU stopped it)") from None
+            raise err.with_message(f"checkpoint of {container.id} failed after phase {self.last_phase}: "
+                                   f"{message}; the container had exited (CRIU stopped it)") from None
         # UNTOUCHED or RESTORED: the agent put it back; keep the agent's status code.
         where = "container untouched" if state == agent_pb2.UNTOUCHED else "container resumed as it was"
-        raise type(err)(f"checkpoint of {container.id} failed after phase {self.last_phase}: {message} "
-                        f"({where})") from None
+        raise err.with_message(f"checkpoint of {container.id} failed after phase {self.last_phase}: "
+                               f"{message} ({where})") from None
 
 
 class AgentGpuLock:
@@ -233,14 +232,16 @@ class AgentGpuLock:
 
     A frozen CUDA process cannot be locked (the lock needs its threads to run), so
     Pause takes the lock first. A node with no agent has no GPU lock to take: Pause
-    then goes on with a warning. Resume's unlock must not be skipped silently, since
-    the container may be locked: an unreachable agent fails Resume.
+    then goes on with a warning. Whoever took the lock releases it on every path: an
+    unlock the agent cannot take now (it is down or restarting) is retried in the
+    background until it succeeds or the container is gone, and Resume says so.
     """
 
     def __init__(self, *, environ: Mapping[str, str] | None = None) -> None:
         self._environ = dict(os.environ if environ is None else environ)
         # Containers whose Pause took the agent's lock: only those need the unlock.
         self._locked: set[str] = set()
+        self._retries: dict[str, asyncio.Task[None]] = {}
 
     def _gpu_request(self, container: Container) -> agent_pb2.GpuLockRequest:
         from kybernate.protos import agent_pb2
@@ -266,7 +267,7 @@ class AgentGpuLock:
             log.info("pause of %s: CUDA processes %s locked", container.id, list(locked.cuda_pids))
 
     async def pause_failed(self, container: Container) -> None:
-        """runc pause failed after the lock: give the GPU back (best effort)."""
+        """runc pause failed after the lock: give the GPU back."""
         if container.id in self._locked:
             try:
                 await self.after_resume(container)
@@ -276,13 +277,47 @@ class AgentGpuLock:
     async def after_resume(self, container: Container) -> None:
         if container.id not in self._locked:
             return  # Pause took no lock (no agent then): nothing to unlock
-        socket = agent_socket(container.spec, self._environ)
         try:
-            async with AgentClient(socket) as client:
-                unlocked = await client.unlock_gpu(self._gpu_request(container), timeout=GPU_CALL_TIMEOUT_S)
+            await self._unlock(container)
         except Unavailable as err:
+            self._retry_unlock(container)
             raise Unavailable(f"resume of {container.id}: thawed, but the GPU unlock failed: {err}; "
-                              "its CUDA processes may still be locked") from None
+                              "its CUDA processes stay locked until the agent answers (retrying)") from None
+
+    async def _unlock(self, container: Container) -> None:
+        socket = agent_socket(container.spec, self._environ)
+        async with AgentClient(socket) as client:
+            unlocked = await client.unlock_gpu(self._gpu_request(container), timeout=GPU_CALL_TIMEOUT_S)
         self._locked.discard(container.id)
         if unlocked.cuda_pids:
-            log.info("resume of %s: CUDA processes %s unlocked", container.id, list(unlocked.cuda_pids))
+            log.info("container %s: CUDA processes %s unlocked", container.id, list(unlocked.cuda_pids))
+
+    def _retry_unlock(self, container: Container) -> None:
+        if container.id in self._retries:
+            return
+        task = asyncio.get_running_loop().create_task(self._unlock_until_done(container),
+                                                      name=f"gpu-unlock-{container.id}")
+        self._retries[container.id] = task
+        task.add_done_callback(lambda _: self._retries.pop(container.id, None))
+
+    async def _unlock_until_done(self, container: Container) -> None:
+        delay = UNLOCK_RETRY_FIRST_S
+        while container.id in self._locked:
+            await asyncio.sleep(delay)
+            if container.pid <= 0 or not os.path.exists(f"/proc/{container.pid}"):
+                self._locked.discard(container.id)  # the container is gone, and its lock with it
+                return
+            try:
+                await self._unlock(container)
+            except (NotFound, FailedPrecondition) as err:  # nothing left to unlock
+                log.warning("container %s: GPU unlock: %s", container.id, err)
+                self._locked.discard(container.id)
+                return
+            except KybernateError as err:
+                log.info("container %s: GPU unlock still failing (%s); retrying", container.id, err)
+            delay = min(delay * 2, UNLOCK_RETRY_MAX_S)
+
+    async def close(self) -> None:
+        for task in list(self._retries.values()):
+            task.cancel()
+        await asyncio.gather(*self._retries.values(), return_exceptions=True)

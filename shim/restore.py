@@ -1,18 +1,25 @@
 """Restore through the node agent: the `RestoreStrategy` the shim runs at Start.
 
-Two ways in:
+Three ways in, each told apart so the agent can apply the right trust:
 - containerd's: `CreateTaskRequest.checkpoint` names the directory containerd
-  unpacked the checkpoint into (`ctr container restore --live`);
-- Kybernate's: the spec annotation `io.kybernate.restore-from` names a checkpoint
-  directory (absolute path) or a registry checkpoint (name or id). `SpecRestoreSource`
-  turns it into the request's checkpoint, so Create prepares a restore instead of
-  `runc create`.
+  unpacked the checkpoint into (`ctr container restore --live`); Kybernate removes
+  that directory once the restore has consumed it (containerd 1.7 never does, and each
+  one is a full copy of the images);
+- the spec annotation `io.kybernate.restore-from` naming a registry checkpoint (an
+  id, a name in the container's namespace, or namespace/name): the Kubernetes path;
+  the agent restores it only into the namespace that took it, or one it was shared
+  with;
+- the same annotation naming a host directory (absolute path): only under the roots
+  the agent's configuration allows.
+`SpecRestoreSource` turns the annotation into the request's checkpoint, so Create
+prepares a restore instead of `runc create`.
 
 At Start, in this order, and Running only when all of it succeeded:
-1. PrepareRestore: the agent verifies metadata.json, every checksum, the CRIU
-   version and the GPU fit, and fetches a registry checkpoint from S3 if needed;
+1. PrepareRestore: the agent authorizes, verifies metadata.json, every checksum, the
+   CRIU version and the GPU fit, and fetches a registry checkpoint from S3 if needed;
 2. the writable layer saved with the checkpoint (`rootfs-diff.tar`) goes into the
-   rootfs, unless containerd already applied one (`--rw`);
+   rootfs, confined to it (`kybernate.shim.rootfs_diff`), unless containerd already
+   applied one (`--rw`);
 3. `runc restore --detach` from the verified directory (runc keeps its state, so
    exec, kill and delete keep working; the restored init is the shim's child);
 4. CompleteRestore: CUDA restore and unlock of the restored processes.
@@ -28,17 +35,22 @@ import json
 import logging
 import os
 import shutil
-import signal
-import tarfile
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kybernate.errors import FailedPrecondition, InvalidArgument, KybernateError
 from kybernate.oci import load_spec
-from kybernate.runtime.cgroups import Cgroup
+from kybernate.runtime.container import kill_everything
+from kybernate.shim import rootfs_diff
 from kybernate.shim.agent_client import AgentClient
-from kybernate.shim.agent_settings import agent_socket, restore_from
+from kybernate.shim.agent_settings import (
+    POD_NAMESPACE_ANNOTATION,
+    agent_socket,
+    restore_from,
+    spec_annotations,
+)
 
 if TYPE_CHECKING:
     from kybernate.protos import agent_pb2, shim_pb2
@@ -47,14 +59,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Marks a registry checkpoint (name or id) in `InitProcess.checkpoint_dir`.
+#: Marks a registry checkpoint (id, name or namespace/name) in `InitProcess.checkpoint_dir`.
 REGISTRY_PREFIX = "kybernate-checkpoint:"
+#: Marks a host directory an annotation named (not containerd's own directory).
+HOST_DIRECTORY_PREFIX = "kybernate-directory:"
 METADATA_FILE = "metadata.json"
-ROOTFS_DIFF_FILE = "rootfs-diff.tar"
+#: The prefix of the temporary directories containerd unpacks checkpoints into.
+CONTAINERD_CHECKPOINT_PREFIX = "ctrd-checkpoint"
 #: PrepareRestore may download a checkpoint from S3: give it time.
 PREPARE_TIMEOUT_S = 1800.0
 COMPLETE_TIMEOUT_S = 600.0
-KILL_THAW_TIMEOUT_S = 5.0
 
 
 class SpecRestoreSource:
@@ -68,7 +82,7 @@ class SpecRestoreSource:
         source = restore_from(load_spec(Path(request.bundle)))
         if not source:
             return ""
-        return source if os.path.isabs(source) else REGISTRY_PREFIX + source
+        return HOST_DIRECTORY_PREFIX + source if os.path.isabs(source) else REGISTRY_PREFIX + source
 
 
 class AgentRestore:
@@ -81,13 +95,31 @@ class AgentRestore:
         self._connect_timeout_s = connect_timeout_s
 
     async def restore(self, process: InitProcess) -> int:
-        from kybernate.protos import agent_pb2
-
         source = process.checkpoint_dir
         if not source:
             raise FailedPrecondition(f"{process.id}: no checkpoint to restore from")
-        prepare = _prepare_request(source)
-        socket = agent_socket(load_spec(process.bundle), self._environ)
+        spec = load_spec(process.bundle)
+        prepare = _prepare_request(source, process.namespace,
+                                   spec_annotations(spec).get(POD_NAMESPACE_ANNOTATION, ""))
+        socket = agent_socket(spec, self._environ)
+        try:
+            return await self._restore(process, prepare, socket)
+        finally:
+            await self.release(process)
+
+    async def release(self, process: InitProcess) -> None:
+        """Remove containerd's temporary copy of the images once it is consumed (or the
+        container is deleted unrestored): containerd 1.7 never does."""
+        directory = containerd_checkpoint_dir(process.checkpoint_dir)
+        if directory is not None and directory.is_dir():
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            log.info("restore of %s: removed containerd's checkpoint copy %s", process.id, directory)
+
+    async def _restore(self, process: InitProcess, prepare: agent_pb2.PrepareRestoreRequest,
+                       socket: Path) -> int:
+        from kybernate.protos import agent_pb2
+
+        source = process.checkpoint_dir
         async with AgentClient(socket, connect_timeout=self._connect_timeout_s) as client:
             prepared = await client.prepare_restore(prepare, timeout=PREPARE_TIMEOUT_S)
             image_dir = Path(prepared.image_dir)
@@ -104,8 +136,8 @@ class AgentRestore:
             except BaseException as err:
                 await _undo_restore(process, pid)
                 if isinstance(err, KybernateError):
-                    raise type(err)(f"restore of {process.id}: GPU restore failed: {err}; "
-                                    "the restored processes were killed") from None
+                    raise err.with_message(f"restore of {process.id}: GPU restore failed: {err}; "
+                                           "the restored processes were killed") from None
                 raise
         if completed.cuda_pids:
             log.info("restore of %s: CUDA processes %s restored and unlocked", process.id,
@@ -132,26 +164,45 @@ class AgentRestore:
             await _undo_restore(process, 0)
             if isinstance(err, KybernateError):
                 criu_line = _first_criu_error(work_path / "restore.log")
-                raise type(err)(f"restore of {process.id}: {err}"
-                                + (f"; CRIU: {criu_line}" if criu_line else "")) from None
+                raise err.with_message(f"restore of {process.id}: {err}"
+                                       + (f"; CRIU: {criu_line}" if criu_line else "")) from None
             raise
 
 
-def _prepare_request(source: str) -> agent_pb2.PrepareRestoreRequest:
+def _prepare_request(source: str, namespace: str, pod_namespace: str) -> agent_pb2.PrepareRestoreRequest:
     from kybernate.protos import agent_pb2
 
+    request = agent_pb2.PrepareRestoreRequest(namespace=namespace, pod_namespace=pod_namespace)
     if source.startswith(REGISTRY_PREFIX):
-        name = source[len(REGISTRY_PREFIX):]
-        if not name:
+        reference = source[len(REGISTRY_PREFIX):]
+        if not reference:
             raise InvalidArgument("restore: empty checkpoint name")
-        return agent_pb2.PrepareRestoreRequest(checkpoint=name)
+        request.checkpoint = reference
+        return request
+    if source.startswith(HOST_DIRECTORY_PREFIX):
+        request.host_directory = source[len(HOST_DIRECTORY_PREFIX):]
+        return request
     directory = Path(source)
     if not directory.is_dir():
         raise FailedPrecondition(f"restore: checkpoint directory {directory} does not exist")
     if not (directory / METADATA_FILE).is_file():
         raise FailedPrecondition(f"restore: {directory} has no {METADATA_FILE}: not a Kybernate checkpoint "
                                  "(checkpoints made by other tools are not restored)")
-    return agent_pb2.PrepareRestoreRequest(directory=str(directory))
+    request.directory = str(directory)
+    return request
+
+
+def containerd_checkpoint_dir(source: str) -> Path | None:
+    """The directory if `source` is one containerd unpacked a checkpoint into for this
+    restore (a `ctrd-checkpoint*` directory in its runtime or temporary directory)."""
+    if not source or source.startswith((REGISTRY_PREFIX, HOST_DIRECTORY_PREFIX)):
+        return None
+    directory = Path(source)
+    homes = {Path(os.environ[k]) for k in ("XDG_RUNTIME_DIR", "TMPDIR") if os.environ.get(k)}
+    homes.add(Path(tempfile.gettempdir()))
+    if directory.name.startswith(CONTAINERD_CHECKPOINT_PREFIX) and directory.parent in homes:
+        return directory
+    return None
 
 
 def _metadata(prepared: agent_pb2.PrepareRestoreResponse) -> dict[str, Any]:
@@ -173,27 +224,13 @@ def _first_criu_error(log_path: Path) -> str:
 async def _undo_restore(process: InitProcess, pid: int) -> None:
     """Leave nothing of a failed restore running: SIGKILL every restored process
     (thawing so frozen ones die), force-delete in runc, drop the pid file."""
-    pids = {pid} if pid > 0 else set()
-    cgroup: Cgroup | None = None
-    if pid > 0:
-        with contextlib.suppress(KybernateError, OSError):
-            cgroup = Cgroup.for_pid(pid)
-            pids.update(cgroup.pids())
-    for victim in sorted(pids):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(victim, signal.SIGKILL)
-    if cgroup is not None:
-        with contextlib.suppress(KybernateError, OSError):
-            await cgroup.thaw(KILL_THAW_TIMEOUT_S)
+    await kill_everything(process.id, pid, process.runc)
     try:
         await process.runc.delete(process.id, force=True)
     except KybernateError as err:
         log.debug("restore of %s: runc delete --force after failure: %s", process.id, err)
     with contextlib.suppress(FileNotFoundError):
         process.pid_file.unlink()
-
-
-# -- the writable layer ---------------------------------------------------------------
 
 
 def _overlay_upperdir(target: Path) -> Path | None:
@@ -215,47 +252,12 @@ def _overlay_upperdir(target: Path) -> Path | None:
 def _apply_rootfs_diff(image_dir: Path, rootfs: Path) -> None:
     """Unpack the checkpoint's writable layer into the rootfs, unless containerd
     already applied one (`ctr container restore --rw`: the upperdir is not empty)."""
-    diff = image_dir / ROOTFS_DIFF_FILE
+    diff = image_dir / rootfs_diff.DIFF_FILE
     if not diff.is_file():
         return
     upper = _overlay_upperdir(rootfs)
     if upper is not None and any(upper.iterdir()):
         log.info("restore: %s has a writable layer already; not applying %s", rootfs, diff)
         return
-    with tarfile.open(diff) as archive:
-        for member in archive:
-            _refuse_escape(member, diff, rootfs)
-            relative = Path(member.name).relative_to(".") if member.name != "." else Path()
-            if member.ischr() and member.devmajor == 0 and member.devminor == 0:
-                # An overlay whiteout: the file was deleted in the writable layer.
-                _remove(rootfs / relative)
-                continue
-            if member.isdir() and (rootfs / relative).is_dir():
-                continue  # keep the lower directory's contents (opaque dirs are rare)
-            archive.extract(member, rootfs, set_attrs=True)
+    rootfs_diff.apply(diff, rootfs)
     log.info("restore: applied %s to %s", diff, rootfs)
-
-
-def _refuse_escape(member: tarfile.TarInfo, diff: Path, rootfs: Path) -> None:
-    """Refuse a member that would write outside the rootfs: an absolute or `..` name,
-    or a parent directory that is (already, or through an earlier member) a symlink
-    leading out. Checked by hand: tarfile's extraction filters arrived in 3.11.4,
-    after Debian 12's 3.11.2."""
-    names = [member.name] + ([member.linkname] if member.islnk() else [])
-    for name in names:
-        path = Path(name)
-        if path.is_absolute() or ".." in path.parts:
-            raise FailedPrecondition(f"restore: {diff} holds {name!r}, which would land outside the rootfs")
-    root = os.path.realpath(rootfs)
-    parent = os.path.realpath(rootfs / Path(member.name).parent)
-    if parent != root and not parent.startswith(root + os.sep):
-        raise FailedPrecondition(f"restore: {diff} holds {member.name!r}, whose directory leads outside "
-                                 "the rootfs through a symlink")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()

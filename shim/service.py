@@ -71,6 +71,7 @@ _STATUS = {
     ProcessState.RUNNING: task_types_pb2.RUNNING,
     ProcessState.PAUSING: task_types_pb2.PAUSING,
     ProcessState.PAUSED: task_types_pb2.PAUSED,
+    ProcessState.CHECKPOINTING: task_types_pb2.RUNNING,  # never reported: see reported_state
     ProcessState.STOPPED: task_types_pb2.STOPPED,
     ProcessState.DELETED: task_types_pb2.UNKNOWN,
 }
@@ -390,7 +391,7 @@ class TaskService:
         process = container.process(request.exec_id)
         return shim_pb2.StateResponse(
             id=process.id, bundle=str(container.bundle), pid=process.pid,
-            status=_STATUS[process.state], stdin=process.stdio.stdin,
+            status=_STATUS[process.reported_state], stdin=process.stdio.stdin,
             stdout=process.stdio.stdout, stderr=process.stdio.stderr,
             terminal=process.stdio.terminal, exit_status=process.exit_status,
             exited_at=timestamp(process.exited_at), exec_id=request.exec_id)

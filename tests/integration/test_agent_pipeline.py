@@ -16,7 +16,6 @@ import signal
 import stat
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,21 +27,18 @@ from kybernate.protos import agent_pb2
 from kybernate.shim.agent_client import AgentClient
 
 from tests.support.agent import AgentProcess, make_workdir, running_agent
-from tests.support.bundle import make_bundle
+from tests.support.runc_container import (
+    TCP_PAIR,
+    Container,
+    checkpoint_request,
+    phase_names,
+    stream_checkpoint,
+)
 from tests.support.s3 import S3Server
 
 pytestmark = pytest.mark.integration
 
-COUNTER = (
-    "KYBERNATE_FAKE_CUDA=$CUDA_TOKEN sleep 1000000 & "
-    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
-)
-# A loopback TCP connection inside the container: CRIU refuses it without tcp_established.
-TCP_PAIR = (
-    "(sleep 1000000 | nc -l -p 9000 >/dev/null) & sleep 0.3; "
-    "(sleep 1000000 | nc 127.0.0.1 9000 >/dev/null) & "
-)
-ALL_PHASES = ["ACCEPTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FROZEN", "DUMPED", "RESUMED", "COMMITTED"]
+ALL_PHASES = ["ACCEPTED", "ADMITTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FROZEN", "DUMPED", "RESUMED", "COMMITTED"]
 
 
 @pytest.fixture
@@ -64,100 +60,6 @@ def agent(workdir: Path) -> Iterator[AgentProcess]:
         yield agent
 
 
-class Container:
-    """A runc container with its own runc root and cgroup; stdio are pipes we hold."""
-
-    def __init__(self, workdir: Path, prelude: str = "", *, overlay: bool = False) -> None:
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.id = f"kyb-agent-{tag}"
-        self.runc_root = workdir / "runc-root"
-        self.bundle = workdir / "bundle"
-        self.token = f"tok-{tag}"
-        make_bundle(self.bundle, ["sh", "-c", prelude + COUNTER], cgroups_path=f"/kyb-agent-test-{tag}")
-        spec = json.loads((self.bundle / "config.json").read_text())
-        spec["process"]["env"].append(f"CUDA_TOKEN={self.token}")
-        (self.bundle / "config.json").write_text(json.dumps(spec))
-        self._pipes: list[int] = []
-        self.pid = 0
-        self.upper: Path | None = None
-        if overlay:  # as containerd's snapshotter does: the rootfs is an overlay mount
-            lower, self.upper, work = (workdir / "lower", workdir / "upper", workdir / "overlay-work")
-            (self.bundle / "rootfs").rename(lower)
-            for d in (self.upper, work, self.bundle / "rootfs"):
-                d.mkdir()
-            subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                            f"lowerdir={lower},upperdir={self.upper},workdir={work}",
-                            str(self.bundle / "rootfs")], check=True)
-
-    def _stdio(self) -> tuple[int, int, int]:
-        stdin_r, stdin_w = os.pipe()
-        out_r, out_w = os.pipe()
-        self._pipes += [stdin_r, stdin_w, out_r, out_w]
-        return stdin_r, out_w, out_w
-
-    def runc(self, *args: str, stdio: tuple[int, int, int] | None = None) -> subprocess.CompletedProcess[bytes]:
-        stdin, stdout, stderr = stdio or (subprocess.DEVNULL, subprocess.PIPE, subprocess.PIPE)
-        return subprocess.run(["runc", "--root", str(self.runc_root), *args], stdin=stdin, stdout=stdout,
-                              stderr=stderr, timeout=60, check=False)
-
-    def run(self) -> None:
-        pid_file = self.bundle.parent / "init.pid"
-        result = self.runc("run", "-d", "--pid-file", str(pid_file), "--bundle", str(self.bundle), self.id,
-                            stdio=self._stdio())
-        assert result.returncode == 0, f"runc run failed: {result.stderr!r}"
-        self.pid = int(pid_file.read_text())
-
-    def restore(self, image_dir: Path) -> None:
-        pid_file = self.bundle.parent / "restored.pid"
-        work = self.bundle.parent / "restore-work"
-        work.mkdir(exist_ok=True)
-        stdio = self._stdio()
-        log = self.bundle.parent / "restore.out"
-        with log.open("wb") as out:
-            result = subprocess.run(
-                ["runc", "--root", str(self.runc_root), "restore", "--detach", "--image-path", str(image_dir),
-                 "--work-path", str(work), "--bundle", str(self.bundle), "--pid-file", str(pid_file), self.id],
-                stdin=stdio[0], stdout=stdio[1], stderr=out, timeout=120, check=False)
-        restore_log = work / "restore.log"
-        assert result.returncode == 0, (
-            f"runc restore failed: {log.read_text()}\n{restore_log.read_text() if restore_log.exists() else ''}")
-        self.pid = int(pid_file.read_text())
-
-    def status(self) -> str:
-        result = self.runc("state", self.id)
-        return json.loads(result.stdout)["status"] if result.returncode == 0 else "absent"
-
-    def count(self) -> int:
-        text = (self.bundle / "rootfs" / "tmp" / "count").read_text().strip()
-        return int(text) if text else 0
-
-    def wait_count(self, at_least: int, timeout: float = 20) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                value = self.count()
-            except (OSError, ValueError):
-                value = -1
-            if value >= at_least:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"counter stuck at {value}, wanted {at_least}")
-            time.sleep(0.05)
-
-    def delete(self) -> None:
-        self.runc("delete", "--force", self.id)
-
-    def close(self) -> None:
-        # A frozen container cannot be killed until thawed; force-delete thaws it.
-        self.delete()
-        for fd in self._pipes:
-            os.close(fd)
-        self._pipes = []
-        if self.upper is not None:
-            subprocess.run(["umount", "-l", str(self.bundle / "rootfs")], check=False)
-            self.upper = None
-
-
 @pytest.fixture
 def container(workdir: Path) -> Iterator[Container]:
     box = Container(workdir)
@@ -166,31 +68,6 @@ def container(workdir: Path) -> Iterator[Container]:
         yield box
     finally:
         box.close()
-
-
-def _request(box: Container, *, exit: bool, name: str, destination: Path | None = None,
-             **options: object) -> agent_pb2.CheckpointRequest:
-    return agent_pb2.CheckpointRequest(
-        container_id=box.id, namespace="default", bundle=str(box.bundle), runc_root=str(box.runc_root),
-        init_pid=box.pid, destination=str(destination or ""), name=name, image_ref="busybox:test",
-        labels={"test": "agent-pipeline"},
-        options=agent_pb2.CheckpointOptions(exit=exit, **options))
-
-
-async def _checkpoint(agent: AgentProcess, request: agent_pb2.CheckpointRequest
-                      ) -> tuple[list[agent_pb2.CheckpointProgress], KybernateError | None]:
-    seen: list[agent_pb2.CheckpointProgress] = []
-    async with AgentClient(agent.socket) as client:
-        try:
-            async for progress in client.checkpoint(request, timeout=120):
-                seen.append(progress)
-        except KybernateError as exc:
-            return seen, exc
-    return seen, None
-
-
-def _phases(seen: list[agent_pb2.CheckpointProgress]) -> list[str]:
-    return [agent_pb2.Phase.Name(p.phase) for p in seen]
 
 
 def _fake_events(agent: AgentProcess) -> list[dict[str, object]]:
@@ -202,12 +79,12 @@ def test_checkpoint_leave_running_then_exit_and_runc_restore(agent: AgentProcess
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     container.wait_count(10)
     destination = workdir / "containerd-path"
-    seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-live",
+    seen, error = asyncio.run(stream_checkpoint(agent, checkpoint_request(container, exit=False, name=f"{container.id}-live",
                                                           destination=destination)))
     assert error is None, f"{error}\n{agent.log_path.read_text()}"
-    assert _phases(seen) == ALL_PHASES
+    assert phase_names(seen) == ALL_PHASES
     assert [p.elapsed_ms for p in seen] == sorted(p.elapsed_ms for p in seen)
-    gpu_locked = seen[1]
+    gpu_locked = seen[ALL_PHASES.index("GPU_LOCKED")]
     assert len(gpu_locked.cuda_pids) == 1, "exactly the one marked process is a CUDA process"
     committed = Path(seen[-1].local_path)
     assert committed.parent == agent.local_tier and committed.name == seen[-1].checkpoint_id
@@ -234,9 +111,9 @@ def test_checkpoint_leave_running_then_exit_and_runc_restore(agent: AgentProcess
 
     # Now with exit: CRIU kills the tasks; stock runc restores our images.
     value = container.wait_count(before + 5)
-    seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=True, name=f"{container.id}-exit")))
+    seen, error = asyncio.run(stream_checkpoint(agent, checkpoint_request(container, exit=True, name=f"{container.id}-exit")))
     assert error is None, f"{error}\n{agent.log_path.read_text()}"
-    assert _phases(seen) == [p for p in ALL_PHASES if p != "RESUMED"]
+    assert phase_names(seen) == [p for p in ALL_PHASES if p != "RESUMED"]
     assert container.status() == "stopped"
     dumped_at = container.count()
     assert dumped_at >= value
@@ -244,7 +121,7 @@ def test_checkpoint_leave_running_then_exit_and_runc_restore(agent: AgentProcess
 
     async def prepare_and_restore() -> tuple[agent_pb2.PrepareRestoreResponse, agent_pb2.CompleteRestoreResponse]:
         async with AgentClient(agent.socket) as client:
-            prepared = await client.prepare_restore(agent_pb2.PrepareRestoreRequest(checkpoint=f"{container.id}-exit"))
+            prepared = await client.prepare_restore(agent_pb2.PrepareRestoreRequest(checkpoint=f"{container.id}-exit", namespace="default"))
             container.delete()
             container.restore(Path(prepared.image_dir))
             completed = await client.complete_restore(agent_pb2.CompleteRestoreRequest(
@@ -299,14 +176,14 @@ def test_paused_container_is_checkpointed_and_left_paused(agent: AgentProcess, c
                                                                     init_pid=container.pid))
             assert len(locked.cuda_pids) == 1
             assert container.runc("pause", container.id).returncode == 0
-            seen = [p async for p in client.checkpoint(_request(container, exit=False, name=f"{container.id}-p"))]
+            seen = [p async for p in client.checkpoint(checkpoint_request(container, exit=False, name=f"{container.id}-p"))]
             assert container.status() == "paused", "left as it came: paused, GPU locked"
             assert container.runc("resume", container.id).returncode == 0
             await client.unlock_gpu(agent_pb2.GpuLockRequest(container_id=container.id, init_pid=container.pid))
             return seen
 
     seen = asyncio.run(scenario())
-    assert _phases(seen) == ALL_PHASES
+    assert phase_names(seen) == ALL_PHASES
     events = [e for e in _fake_events(agent) if e["ok"] and e["action"] in ("lock", "checkpoint", "restore", "unlock")]
     # One lock (Pause's), one unlock (Resume's); the pipeline's lock found it locked already.
     assert [e["action"] for e in events] == ["lock", "checkpoint", "restore", "unlock"]
@@ -316,7 +193,7 @@ def test_paused_container_is_checkpointed_and_left_paused(agent: AgentProcess, c
 
 def test_restore_refused_when_gpu_memory_does_not_fit(agent: AgentProcess, container: Container) -> None:
     container.wait_count(2)
-    seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-fit")))
+    seen, error = asyncio.run(stream_checkpoint(agent, checkpoint_request(container, exit=False, name=f"{container.id}-fit")))
     assert error is None, error
     from kybernate.cuda.fake import FakeBackend
     FakeBackend(agent.fake_dir).write_gpus([{"uuid": "GPU-fa4e0000-0000-4000-8000-000000000000",
@@ -324,7 +201,7 @@ def test_restore_refused_when_gpu_memory_does_not_fit(agent: AgentProcess, conta
 
     async def prepare() -> None:
         async with AgentClient(agent.socket) as client:
-            await client.prepare_restore(agent_pb2.PrepareRestoreRequest(checkpoint=seen[-1].checkpoint_id))
+            await client.prepare_restore(agent_pb2.PrepareRestoreRequest(checkpoint=seen[-1].checkpoint_id, namespace="default"))
     with pytest.raises(KybernateError, match=r"not enough GPU memory on GPU .*need \d+, free \d+") as caught:
         asyncio.run(prepare())
     assert caught.value.code == 8  # ResourceExhausted
@@ -335,11 +212,11 @@ def test_deadline_after_gpu_checkpoint_says_kill(workdir: Path, container: Conta
     agent.start()
     try:
         container.wait_count(2)
-        seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-d",
+        seen, error = asyncio.run(stream_checkpoint(agent, checkpoint_request(container, exit=False, name=f"{container.id}-d",
                                                               deadline_ms=1500)))
         assert isinstance(error, DeadlineExceeded), error
         assert "must be killed" in str(error)
-        assert _phases(seen) == ["ACCEPTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FAILED"]
+        assert phase_names(seen) == ["ACCEPTED", "ADMITTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FAILED"]
         assert seen[-1].container_state == agent_pb2.MUST_KILL
     finally:
         agent.stop()
@@ -349,12 +226,12 @@ def test_gpu_lock_timeout_leaves_container_running(agent: AgentProcess, containe
     container.wait_count(3)
     (agent.fake_dir / "hang-lock").write_text("")
     try:
-        seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-t")))
+        seen, error = asyncio.run(stream_checkpoint(agent, checkpoint_request(container, exit=False, name=f"{container.id}-t")))
     finally:
         (agent.fake_dir / "hang-lock").unlink(missing_ok=True)
     assert isinstance(error, DeadlineExceeded), error
     assert "1500 ms" in str(error) and "pid" in str(error)
-    assert _phases(seen) == ["ACCEPTED", "FAILED"]
+    assert phase_names(seen) == ["ACCEPTED", "ADMITTED", "FAILED"]
     assert seen[-1].container_state == agent_pb2.RESTORED
     assert container.status() == "running"
     container.wait_count(container.count() + 3)
@@ -366,10 +243,10 @@ def test_criu_failure_resumes_container_and_keeps_dump_log(agent: AgentProcess, 
     try:
         box.run()
         box.wait_count(5)
-        seen, error = asyncio.run(_checkpoint(agent, _request(box, exit=False, name=f"{box.id}-tcp")))
+        seen, error = asyncio.run(stream_checkpoint(agent, checkpoint_request(box, exit=False, name=f"{box.id}-tcp")))
         assert error is not None and error.code == 13, error  # Internal, from CRIU
         assert "TCP" in str(error) or "tcp" in str(error), str(error)
-        assert _phases(seen) == ["ACCEPTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FROZEN", "FAILED"]
+        assert phase_names(seen) == ["ACCEPTED", "ADMITTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FROZEN", "FAILED"]
         assert seen[-1].container_state == agent_pb2.RESTORED
         assert box.status() == "running"
         box.wait_count(box.count() + 3)
@@ -389,7 +266,7 @@ def test_rootfs_diff_saves_the_writable_layer(agent: AgentProcess, workdir: Path
     try:
         box.run()
         box.wait_count(3)
-        seen, error = asyncio.run(_checkpoint(agent, _request(box, exit=True, name=f"{box.id}-diff",
+        seen, error = asyncio.run(stream_checkpoint(agent, checkpoint_request(box, exit=True, name=f"{box.id}-diff",
                                                               rootfs_diff=True)))
         assert error is None, f"{error}\n{agent.log_path.read_text()}"
         committed = Path(seen[-1].local_path)
@@ -403,7 +280,7 @@ def test_rootfs_diff_saves_the_writable_layer(agent: AgentProcess, workdir: Path
 
 def test_rootfs_diff_without_overlay_is_refused_untouched(agent: AgentProcess, container: Container) -> None:
     container.wait_count(2)
-    seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-nd",
+    seen, error = asyncio.run(stream_checkpoint(agent, checkpoint_request(container, exit=False, name=f"{container.id}-nd",
                                                           rootfs_diff=True)))
     assert seen == [] and error is not None and error.code == 9  # FailedPrecondition, before ACCEPTED
     assert "overlay" in str(error)
@@ -413,7 +290,7 @@ def test_rootfs_diff_without_overlay_is_refused_untouched(agent: AgentProcess, c
 
 def test_tampered_checkpoint_is_refused_before_restore(agent: AgentProcess, container: Container) -> None:
     container.wait_count(2)
-    seen, error = asyncio.run(_checkpoint(agent, _request(container, exit=False, name=f"{container.id}-x")))
+    seen, error = asyncio.run(stream_checkpoint(agent, checkpoint_request(container, exit=False, name=f"{container.id}-x")))
     assert error is None, error
     image_dir = Path(seen[-1].local_path)
     copy = image_dir.parent / "copy-for-tamper"
@@ -440,7 +317,7 @@ def test_agent_killed_mid_checkpoint_leaves_no_checkpoint(workdir: Path, contain
 
         async def until_frozen() -> str:
             async with AgentClient(agent.socket) as client:
-                async for progress in client.checkpoint(_request(container, exit=False, name=f"{container.id}-k")):
+                async for progress in client.checkpoint(checkpoint_request(container, exit=False, name=f"{container.id}-k")):
                     if progress.phase == agent_pb2.FROZEN:
                         return progress.checkpoint_id
             raise AssertionError("stream ended before FROZEN")
@@ -457,7 +334,7 @@ def test_agent_killed_mid_checkpoint_leaves_no_checkpoint(workdir: Path, contain
 
         async def inspect() -> agent_pb2.InspectCheckpointResponse:
             async with AgentClient(agent.socket) as client:
-                return await client.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=checkpoint_id))
+                return await client.inspectstream_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=checkpoint_id))
         response = asyncio.run(inspect())
         assert response.record.state == "failed" and "stopped before" in response.record.error
         assert response.metadata_json == ""
@@ -480,12 +357,12 @@ def test_upload_to_s3_and_restore_by_name_on_another_node(workdir: Path, contain
         node_a.start()
         container.wait_count(2)
         name = f"{container.id}-s3"
-        seen, error = asyncio.run(_checkpoint(node_a, _request(container, exit=False, name=name)))
+        seen, error = asyncio.run(stream_checkpoint(node_a, checkpoint_request(container, exit=False, name=name)))
         assert error is None, error
 
         async def record(agent: AgentProcess) -> agent_pb2.CheckpointRecord:
             async with AgentClient(agent.socket) as client:
-                response = await client.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=name))
+                response = await client.inspectstream_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=f"default/{name}"))
                 return response.record
         deadline = time.monotonic() + 30
         while (row := asyncio.run(record(node_a))).dirty:
@@ -497,7 +374,7 @@ def test_upload_to_s3_and_restore_by_name_on_another_node(workdir: Path, contain
 
         async def prepare() -> agent_pb2.PrepareRestoreResponse:
             async with AgentClient(node_b.socket) as client:
-                return await client.prepare_restore(agent_pb2.PrepareRestoreRequest(checkpoint=name))
+                return await client.prepare_restore(agent_pb2.PrepareRestoreRequest(checkpoint=name, namespace="default"))
         prepared = asyncio.run(prepare())
         assert Path(prepared.image_dir) == node_b.local_tier / seen[-1].checkpoint_id
         assert json.loads(prepared.metadata_json)["name"] == name

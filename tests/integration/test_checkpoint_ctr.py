@@ -78,7 +78,7 @@ def image_archive(workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def agent(workdir: Path) -> Iterator[AgentProcess]:
-    with running_agent(workdir, "node") as agent:
+    with running_agent(workdir, "node", extra_toml=f'[restore]\nallowed_roots = ["{workdir}"]\n') as agent:
         yield agent
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from kybernate.agent.commit import verify
 from kybernate.cuda.fake import ENV_TOKEN
 from kybernate.protos import agent_pb2
 from kybernate.shim.agent_client import AgentClient
@@ -57,17 +58,24 @@ ANNOTATION_DEADLINE = "io.kybernate.checkpoint.deadline-ms"
 HOLD_S = 120.0  # long enough that only our SIGKILL ends the hold
 
 # Twenty kills in all, spread over the phases after which the agent can hold.
-KILL_ROUNDS = {"accepted": 4, "gpu_locked": 3, "gpu_checkpointed": 3, "frozen": 4, "dumped": 3, "resumed": 3}
+KILL_ROUNDS = {"accepted": 2, "admitted": 3, "gpu_locked": 3, "gpu_checkpointed": 3, "frozen": 3,
+               "dumped": 3, "resumed": 3}
 # Where each hold leaves the container: the fake CUDA state of its CUDA process and
 # its freezer. containerd's Pause (which locks the GPU, then freezes) comes first.
 STATE_WHILE_HOLDING = {
-    "accepted": ("LOCKED", "FROZEN"),
+    "accepted": ("LOCKED", "FROZEN"),  # waiting for admission: untouched, as Pause left it
+    "admitted": ("LOCKED", "FROZEN"),
     "gpu_locked": ("LOCKED", "THAWED"),
     "gpu_checkpointed": ("CHECKPOINTED", "THAWED"),
     "frozen": ("CHECKPOINTED", "FROZEN"),
     "dumped": ("CHECKPOINTED", "FROZEN"),
     "resumed": ("LOCKED", "FROZEN"),  # back as Pause left it, for the client's Resume
 }
+# What losing the agent there means: the container is killed only while the agent held
+# it in an undefined state; a checkpoint whose dump had finished is committed by the
+# next agent from its staging directory.
+KILLED_AFTER = {"admitted", "gpu_locked", "gpu_checkpointed", "frozen", "dumped"}
+COMMITTED_AFTER = {"dumped", "resumed"}
 KILL_CASES = [(phase, n) for phase, count in KILL_ROUNDS.items() for n in range(1, count + 1)]
 
 
@@ -336,30 +344,49 @@ def test_agent_killed_while_holding_after_phase(ctd: ScratchContainerd, node: Ag
 
         out, err = checkpoint.communicate(timeout=60)
         assert checkpoint.returncode != 0, f"checkpoint reported success after the agent died:\n{out}"
-        assert "killed" in err, f"the error does not say the container was killed: {err}"
-
-        # The exit is reported and the container is gone: every process, not just the init.
-        _, exit_event = events.wait_for(container_id, "/tasks/exit")
-        assert exit_event.get("pid") == init_pid, exit_event
-        ctd.wait_task_status(container_id, "STOPPED")
-        assert [m for m in members if m.alive()] == []
-        assert cgroup_pids(ctd, container_id) == set()
-        assert live_pids_with_marker(token) == []
         wait_until(lambda: not any(h.alive() for h in agent_helpers), 10, "the agent's helpers to die")
+        if phase in KILLED_AFTER:
+            assert "killed" in err, f"the error does not say the container was killed: {err}"
+            # The exit is reported and the container is gone: every process, not just the init.
+            _, exit_event = events.wait_for(container_id, "/tasks/exit")
+            assert exit_event.get("pid") == init_pid, exit_event
+            ctd.wait_task_status(container_id, "STOPPED")
+            assert [m for m in members if m.alive()] == []
+            assert cgroup_pids(ctd, container_id) == set()
+            assert live_pids_with_marker(token) == []
+        else:
+            # Untouched (waiting for admission) or resumed as it was: it lives on, and
+            # ctr's Resume thawed it (its GPU unlock waits for the agent).
+            assert "killed" not in err, err
+            assert "lost the kybernate agent" in err, err
+            ctd.wait_task_status(container_id, "RUNNING")
+            assert all(m.alive() for m in members), "a process of the container died"
+            assert freezer_state(ctd, container_id) == "THAWED"
 
-        # Nothing committed anywhere: no metadata.json, no checkpoint image.
+        # Nothing reached containerd: no metadata.json in its destination, no image.
         assert metadata_files(ctd.scratch, *destinations) == []
-        assert node.committed_checkpoints() == committed_before
-        assert not (node.local_tier / attempt_id).exists()
         assert checkpoint_images(ctd) == images_before
 
-        # The next agent finds the leftover staging dir, marks it failed and removes it.
+        # The next agent finds the leftover staging dir: a complete dump is committed,
+        # anything else is marked failed and removed.
         node.write_config()
         node.start()
         assert staging_dirs(node) == []
         record = list_checkpoints(node).get(attempt_id)
-        assert record is not None and record.state == "failed", record
+        if phase in COMMITTED_AFTER:
+            assert record is not None and record.state == "committed", record
+            assert (node.local_tier / attempt_id / "metadata.json").is_file()
+            assert verify(node.local_tier / attempt_id)["id"] == attempt_id
+        else:
+            assert record is not None and record.state == "failed", record
+            assert node.committed_checkpoints() == committed_before
+            assert not (node.local_tier / attempt_id).exists()
 
+        if phase not in KILLED_AFTER:
+            # The shim's GPU unlock reaches the restarted agent: nothing stays locked.
+            wait_until(lambda: fake_cuda_state(node, token) == "RUNNING", 60, "the GPU unlock to get through")
+            ctd.ctr("task", "kill", "-s", "KILL", container_id, check=True)
+            ctd.wait_task_status(container_id, "STOPPED")
         ctd.ctr("task", "delete", container_id, check=True)
         ctd.ctr("containers", "rm", container_id, check=True)
         assert_nothing_left(ctd, container_id)
@@ -578,6 +605,9 @@ def test_restore_of_a_tampered_checkpoint_is_refused(ctd: ScratchContainerd, age
     committed = checkpoint_into_tier(ctd, agent, original)
     remove_container(ctd, original)
     if source == "directory":
+        agent.stop()
+        agent.write_config(extra_toml=f'[restore]\nallowed_roots = ["{tmp_path}"]\n')
+        agent.start()
         target = tmp_path / "checkpoint"
         shutil.copytree(committed, target)
         restore_from = str(target)

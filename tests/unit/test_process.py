@@ -56,6 +56,8 @@ INIT_EXPECTED = {
     S.RUNNING: "FP        ok   ok       FP      PAUSED  FP       ok     ok    ok     ok    ok   STOPPED",
     S.PAUSING: "FP        ok   ok       FP      FP      FP       FP     FP    ok     ok    FP   STOPPED",
     S.PAUSED:  "FP        ok   ok       FP      FP      RUNNING  ok     ok    ok     ok    FP   STOPPED",
+    S.CHECKPOINTING:
+               "FP        ok   ok       FP      FP      FP       FP     FP    ok     ok    FP   STOPPED",
     S.STOPPED: "FP        NF   ok       DELETED FP      FP       FP     FP    FP     ok    FP   --",
     S.DELETED: "FP        NF   NF       FP      FP      FP       FP     FP    FP     FP    FP   --",
 }
