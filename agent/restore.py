@@ -65,6 +65,8 @@ class RestorePreparer:
     async def from_registry(self, reference: str, requester: Party) -> PreparedRestore:
         try:
             row = await self._registry.lookup(reference, requester.namespace)
+        except InvalidArgument as exc:
+            raise exc.with_message(f"restore of checkpoint {reference[:80]!r} refused: {exc}") from None
         except NotFound:
             if self._remote is None:
                 raise NotFound(f"checkpoint {reference!r} is not in the registry of {requester}, and no"

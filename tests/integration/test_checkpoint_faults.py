@@ -724,3 +724,59 @@ def criu_log_errors(message: str) -> str:
     except OSError as err:
         return f"({err})"
     return "\n".join(line for line in lines if "Error" in line or "bad size" in line)
+
+
+# ---- an operator can always stop a container -------------------------------------------------
+
+
+@pytest.mark.parametrize("how", [("task", "kill", "-s", "KILL"), ("task", "kill"), ("task", "delete", "--force")],
+                         ids=["kill-KILL", "kill-TERM", "delete-force"])
+def test_kill_during_a_hung_checkpoint_returns_at_once(ctd: ScratchContainerd, node: AgentProcess,
+                                                      events: CtrEvents, new_id, how: tuple[str, ...]) -> None:
+    """The agent holds the frozen, GPU-checkpointed container and then hangs (SIGSTOP).
+    Kill (or delete --force, or kubelet's SIGTERM) does not wait behind the checkpoint:
+    it aborts it, the container is SIGKILLed, the exit published, the checkpoint fails
+    saying why; once the agent runs again it records the checkpoint failed."""
+    container_id = new_id()
+    token = f"abort-{container_id}"
+    node.write_config(hold_after_phase={"frozen": HOLD_S})
+    log_offset = len(node.log())
+    node.start()
+    checkpoint: subprocess.Popen[str] | None = None
+    try:
+        init_pid = run_container(ctd, node, container_id, *two_sleepers(token))
+        wait_until(lambda: both_sleeping(ctd, container_id), 15.0,
+                   f"both processes of {container_id} sleeping in its cgroup")
+        members = {ProcessIdentity.of(pid) for pid in cgroup_pids(ctd, container_id)}
+        committed_before = node.committed_checkpoints()
+        checkpoint = subprocess.Popen(ctd.ctr_argv("task", "checkpoint", container_id),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=ctd.environment())
+        wait_for_hold(node, "frozen", log_offset, checkpoint)
+        attempt_id = staging_dirs(node)[0].name.removeprefix(".staging-")
+        node.pause()  # hung: its socket accepts, nothing answers
+
+        # Well inside the hold (120 s) and the shim's own checkpoint deadline (30 min).
+        stop = ctd.ctr(*how, container_id, timeout=30)
+        assert stop.returncode == 0, stop.stderr
+        _, exit_event = events.wait_for(container_id, "/tasks/exit")
+        assert exit_event.get("pid") == init_pid and exit_event.get("exit_status") == 137, exit_event
+        assert [m for m in members if m.alive()] == []
+        assert cgroup_pids(ctd, container_id) == set()
+        assert live_pids_with_marker(token) == []
+
+        _, err = checkpoint.communicate(timeout=30)
+        assert checkpoint.returncode != 0 and "abandoned" in err, err
+
+        node.cont()  # the agent sees the shim gone: it records the checkpoint failed
+        wait_until(lambda: (r := list_checkpoints(node).get(attempt_id)) is not None and r.state == "failed",
+                   30, "the agent to record the abandoned checkpoint failed")
+        wait_until(lambda: staging_dirs(node) == [], 15, "the staging directory to go")
+        assert node.committed_checkpoints() == committed_before
+
+        if ctd.task_status(container_id) is not None:
+            ctd.ctr("task", "delete", container_id, check=True)
+        ctd.ctr("containers", "rm", container_id, check=True)
+        assert_nothing_left(ctd, container_id)
+    finally:
+        stop_checkpoint_and_agent(checkpoint, node)

@@ -12,6 +12,7 @@ temp state directory and local tier, socket in a temp directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ class AgentProcess:
     @classmethod
     def in_dir(cls, workdir: Path, node: str = "agent", *, fake_dir: Path | None = None,
                lock_timeout_ms: int = 1500, hold_after_phase: Mapping[str, float] | None = None,
+               hold_during_commit: float = 0.0, memory_budget_bytes: int = 0,
                extra_toml: str = "") -> AgentProcess:
         """An agent whose files all live under `workdir`, config written, not started.
 
@@ -59,15 +61,20 @@ class AgentProcess:
                     state_dir=workdir / f"{node}-state", fake_dir=fake_dir or workdir / "fake-cuda",
                     config_path=workdir / f"{node}.toml", log_path=workdir / f"{node}.log")
         agent.write_config(lock_timeout_ms=lock_timeout_ms, hold_after_phase=hold_after_phase,
+                           hold_during_commit=hold_during_commit, memory_budget_bytes=memory_budget_bytes,
                            extra_toml=extra_toml)
         return agent
 
     def write_config(self, *, lock_timeout_ms: int = 1500, hold_after_phase: Mapping[str, float] | None = None,
+                     hold_during_commit: float = 0.0, memory_budget_bytes: int = 0,
                      extra_toml: str = "") -> None:
         """(Re)write the TOML config; takes effect at the next start()."""
         self.fake_dir.mkdir(parents=True, exist_ok=True)
         holds = ", ".join(f"{phase} = {float(seconds)}" for phase, seconds in (hold_after_phase or {}).items())
-        debug = f"[debug]\nhold_after_phase = {{ {holds} }}\n" if holds else ""
+        debug = ""
+        if holds or hold_during_commit:
+            debug = "[debug]\n" + (f"hold_after_phase = {{ {holds} }}\n" if holds else "")
+            debug += f"hold_during_commit = {float(hold_during_commit)}\n" if hold_during_commit else ""
         self.config_path.write_text(
             f'socket = "{self.socket}"\n'
             f'state_dir = "{self.state_dir}"\n'
@@ -78,6 +85,7 @@ class AgentProcess:
             f"lock_timeout_ms = {lock_timeout_ms}\n"
             "[checkpoint]\n"
             "min_free_bytes = 0\n"
+            f"memory_budget_bytes = {memory_budget_bytes}\n"
             f"{debug}{extra_toml}\n")
 
     @property
@@ -139,6 +147,20 @@ class AgentProcess:
             return []
         events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return [e for e in events if not actions or e.get("action") in actions]
+
+    def cuda_state(self, token: str) -> str | None:
+        """The fake CUDA state (RUNNING, LOCKED, CHECKPOINTED) of the process marked `token`."""
+        record = self.fake_dir / "processes" / f"{token}.json"
+        if not record.exists():
+            return None
+        return str(json.loads(record.read_text()).get("state"))
+
+    def registry_sql(self, statement: str, *params: object) -> list[tuple[Any, ...]]:
+        """Run SQL on the agent's registry behind its back (a registry that lags the disk)."""
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.state_dir / "registry.db", isolation_level=None)) as db:
+            return list(db.execute(statement, params))
 
     def committed_checkpoints(self) -> list[Path]:
         """Committed checkpoint directories in the local tier (staging ones excluded)."""

@@ -1,0 +1,200 @@
+"""Nobody restores what is not theirs, through a real containerd, shim, agent, runc and
+CRIU (DESIGN.md, "Who may restore what").
+
+- A checkpoint taken in one containerd namespace restores by `io.kybernate.restore-from`
+  only in that namespace, by name, namespace/name or id; another namespace is refused
+  with PermissionDenied and nothing runs, until an operator shares it with
+  `kybernate checkpoint share` (and after `--revoke`, refused again).
+- Host directories are accepted only under the agent's `[restore] allowed_roots`,
+  symlinks resolved, never the agent's own tier.
+- A `metadata.json` that lists a path leading out of its directory is refused before
+  anything is read or written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from kybernate.agent.cli import checkpoint_share_main
+from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET, ANNOTATION_RESTORE_FROM
+
+from tests.support.agent import AgentProcess, make_workdir, running_agent
+from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
+from tests.support.images import BUSYBOX_IMAGE_REF, import_image
+from tests.support.tasks import private_containerd, remove_container
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    path = make_workdir("kyb-access")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def golden(workdir: Path) -> Path:
+    """The one host directory the agent accepts checkpoints from."""
+    path = workdir / "golden"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="module")
+def agent(workdir: Path, golden: Path) -> Iterator[AgentProcess]:
+    with running_agent(workdir, "node", extra_toml=f'[restore]\nallowed_roots = ["{golden}"]\n') as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def ctd(busybox_archive: Path) -> Iterator[Containerd]:
+    with private_containerd(Containerd(), busybox_archive) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def other(ctd: Containerd, busybox_archive: Path) -> Iterator[Containerd]:
+    """The same containerd, seen from a second namespace with its own busybox image."""
+    view = copy.copy(ctd)
+    view.namespace = f"{ctd.namespace}-other"
+    import_image(view, busybox_archive)
+    try:
+        yield view
+    finally:
+        for line in view.ctr("containers", "ls", "-q").stdout.split():
+            remove_container(view, line)
+        view._remove_namespace_cgroups()
+
+
+@pytest.fixture
+def names(ctd: Containerd, other: Containerd) -> Iterator[Callable[[str], str]]:
+    made: list[str] = []
+
+    def make(prefix: str) -> str:
+        made.append(f"kyb-{prefix}-{uuid.uuid4().hex[:6]}")
+        return made[-1]
+
+    yield make
+    for container_id in made:
+        remove_container(ctd, container_id)
+        remove_container(other, container_id)
+
+
+def run(ctd: Containerd, agent: AgentProcess, container_id: str, *, restore_from: str = "",
+        check: bool = True) -> str:
+    """`ctr run -d` under Kybernate; its stderr (empty when it worked)."""
+    args = ["run", "--runtime", KYBERNATE_RUNTIME, "-d", "--annotation", f"{ANNOTATION_AGENT_SOCKET}={agent.socket}"]
+    if restore_from:
+        args += ["--annotation", f"{ANNOTATION_RESTORE_FROM}={restore_from}"]
+    result = ctd.ctr(*args, BUSYBOX_IMAGE_REF, container_id, "sh", "-c",
+                     "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done", timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+        ctd.wait_task_status(container_id, "RUNNING")
+    return result.stderr
+
+
+def checkpoint(ctd: Containerd, agent: AgentProcess, container_id: str) -> dict[str, str]:
+    """`ctr task checkpoint` through the agent; the registry's record of it."""
+    result = ctd.ctr("task", "checkpoint", container_id, timeout=120)
+    assert result.returncode == 0, result.stderr + agent.log()[-2000:]
+    if result.stdout.strip():
+        ctd.ctr("images", "rm", result.stdout.strip().splitlines()[-1], timeout=30)
+    listing = [json.loads(line) for line in _cli(agent, "list", "--json").splitlines()]
+    mine = [r for r in listing if r["container_id"] == container_id and r["state"] == "committed"]
+    assert len(mine) == 1, listing
+    return mine[0]
+
+
+def _cli(agent: AgentProcess, *args: str) -> str:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "kybernate", "checkpoint", *args, "--socket", str(agent.socket)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def assert_refused(ctd: Containerd, agent: AgentProcess, container_id: str, restore_from: str,
+                   *needles: str) -> None:
+    err = run(ctd, agent, container_id, restore_from=restore_from, check=False)
+    assert err, f"the restore of {restore_from} in namespace {ctd.namespace} was not refused"
+    for needle in needles:
+        assert needle in err, err
+    assert ctd.task_status(container_id) in (None, "STOPPED", "CREATED", "UNKNOWN")
+    remove_container(ctd, container_id)
+
+
+def test_a_checkpoint_restores_only_where_it_was_taken_or_shared(
+        ctd: Containerd, other: Containerd, agent: AgentProcess, names: Callable[[str], str]) -> None:
+    source = names("bars")
+    run(ctd, agent, source)
+    taken = checkpoint(ctd, agent, source)
+    qualified = f"{ctd.namespace}/{taken['name']}"
+
+    # Another namespace: by namespace/name and by id, refused, saying why; by bare name
+    # it finds nothing of its own.
+    assert_refused(other, agent, names("other"), qualified, "refused", "not shared", ctd.namespace)
+    assert_refused(other, agent, names("other"), taken["id"], "refused", "not shared")
+    assert_refused(other, agent, names("other"), taken["name"], "not in the registry of namespace")
+
+    # Its own namespace restores it, by name.
+    own = names("own")
+    run(ctd, agent, own, restore_from=taken["name"])
+
+    # Shared on purpose (a golden snapshot): the other namespace restores it too.
+    assert checkpoint_share_main(["--socket", str(agent.socket), qualified, "--with", other.namespace]) == 0
+    shared = names("shared")
+    run(other, agent, shared, restore_from=qualified)
+    # And taken back.
+    assert checkpoint_share_main(["--socket", str(agent.socket), qualified, "--with", other.namespace,
+                                  "--revoke"]) == 0
+    assert_refused(other, agent, names("revoked"), qualified, "not shared")
+
+
+def test_host_directories_only_under_the_allowed_roots(
+        ctd: Containerd, agent: AgentProcess, golden: Path, workdir: Path, names: Callable[[str], str]) -> None:
+    source = names("dir")
+    run(ctd, agent, source)
+    taken = checkpoint(ctd, agent, source)
+    committed = Path(taken["local_path"])
+
+    outside = workdir / "elsewhere" / taken["id"]
+    shutil.copytree(committed, outside)
+    assert_refused(ctd, agent, names("outside"), str(outside), "allowed_roots")
+    sneaky = golden / "sneaky"
+    sneaky.symlink_to(outside)  # under the root by name, outside it for real
+    assert_refused(ctd, agent, names("sneaky"), str(sneaky), "allowed_roots")
+    assert_refused(ctd, agent, names("tier"), str(committed), "by name")
+
+    inside = golden / taken["id"]
+    shutil.copytree(committed, inside)
+    run(ctd, agent, names("inside"), restore_from=str(inside))
+
+
+def test_metadata_leading_out_of_its_directory_is_refused(
+        ctd: Containerd, agent: AgentProcess, golden: Path, workdir: Path, names: Callable[[str], str]) -> None:
+    source = names("meta")
+    run(ctd, agent, source)
+    taken = checkpoint(ctd, agent, source)
+    planted = golden / "planted"
+    for escape in ("../planted", "/etc/kybernate-planted", "a/../../planted"):
+        hostile = golden / f"hostile-{uuid.uuid4().hex[:6]}"
+        shutil.copytree(taken["local_path"], hostile)
+        metadata = json.loads((hostile / "metadata.json").read_text())
+        metadata["files"][escape] = {"size": 1, "sha256": "0" * 64}
+        (hostile / "metadata.json").write_text(json.dumps(metadata))
+        assert_refused(ctd, agent, names("hostile"), str(hostile), "outside the checkpoint directory")
+    assert not planted.exists() and not Path("/etc/kybernate-planted").exists()
+    for bad in ("../../etc", "a/b/c", "-x"):
+        assert_refused(ctd, agent, names("badref"), bad, "refused")
