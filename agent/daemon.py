@@ -23,9 +23,11 @@ from kybernate.agent.config import AgentConfig
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.limits import CheckpointLimits
 from kybernate.agent.metrics import AgentMetrics
+from kybernate.agent.promoter import Promoter
 from kybernate.agent.registry import CheckpointState, Registry
+from kybernate.agent.remote import RemoteTier
 from kybernate.agent.server import AgentService
-from kybernate.agent.storage import LocalTier, Promoter, RemoteTier
+from kybernate.agent.storage import LocalTier
 from kybernate.errors import AlreadyExists, FailedPrecondition, NotFound
 from kybernate.protos import agent_pb2_grpc
 
@@ -65,6 +67,7 @@ class Agent:
         self._server: grpc.aio.Server | None = None
         self._service: AgentService | None = None
         self._promoter: Promoter | None = None
+        self._remote: RemoteTier | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -81,9 +84,9 @@ class Agent:
         versions = HostVersions(kernel=os.uname().release, criu=await criu.version(), runc=await _runc_version())
         gpu = await asyncio.to_thread(
             GpuControl, config.cuda_backend, str(config.cuda_fake_dir) if config.cuda_fake_dir else None)
-        remote = await asyncio.to_thread(RemoteTier, config.s3) if config.s3 else None
+        remote = self._remote = await asyncio.to_thread(RemoteTier, config.s3) if config.s3 else None
         if remote is not None and config.s3 is not None:
-            self._promoter = Promoter(remote, self.registry, self.local, config.s3,
+            self._promoter = Promoter(remote, self.registry, self.local, config.s3, node=config.node_name,
                                       on_uploaded=self._on_uploaded)
             self._promoter.start()  # its first sweep re-queues what was dirty
         budget = config.memory_budget_bytes or psutil.virtual_memory().total
@@ -156,6 +159,8 @@ class Agent:
             await self._service.close()
         if self._promoter is not None:
             await self._promoter.stop()
+        if self._remote is not None:  # cancels transfers still running in threads
+            await asyncio.to_thread(self._remote.close)
         await self.registry.close()
         self.metrics.close()
         if owned_socket:  # never remove another agent's socket

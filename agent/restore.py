@@ -4,6 +4,7 @@ after it (CUDA restore and unlock of the restored processes)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -11,10 +12,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kybernate.agent import commit
+from kybernate.agent import commit, naming
+from kybernate.agent.fetch import Fetcher
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier
-from kybernate.agent.storage import LocalTier, RemoteTier, fetch
+from kybernate.agent.remote import RemoteTier
+from kybernate.agent.storage import LocalTier
 from kybernate.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
@@ -32,6 +35,7 @@ class RestorePreparer:
         self._registry = registry
         self._local = local
         self._remote = remote
+        self._fetcher = Fetcher(remote, local, criu_version=criu_version) if remote is not None else None
         self._gpu = gpu
         self._criu_version = criu_version
 
@@ -41,29 +45,34 @@ class RestorePreparer:
         metadata = await asyncio.to_thread(commit.verify, directory, criu_version=self._criu_version)
         return await self._fit(directory, metadata)
 
-    async def from_registry(self, id_or_name: str) -> PreparedRestore:
-        checkpoint_id = await self._resolve(id_or_name)
+    async def from_registry(self, id_or_name: str, namespace: str = "") -> PreparedRestore:
+        checkpoint_id = await self._resolve(id_or_name, namespace)
         if self._local.has(checkpoint_id):
             directory = self._local.committed(checkpoint_id)
-        elif self._remote is not None:
-            directory = await fetch(self._remote, self._local, checkpoint_id, criu_version=self._criu_version)
+        elif self._fetcher is not None:
+            directory = await self._fetcher.fetch(checkpoint_id)
         else:
             raise NotFound(f"checkpoint {id_or_name!r} is not in the local tier and no remote tier is configured")
         metadata = await asyncio.to_thread(commit.verify, directory, criu_version=self._criu_version)
         await self._remember(checkpoint_id, metadata)
         return await self._fit(directory, metadata)
 
-    async def _resolve(self, id_or_name: str) -> str:
+    async def _resolve(self, id_or_name: str, namespace: str) -> str:
         try:
             row = await self._registry.get(id_or_name)
         except NotFound:
             if self._remote is None:
                 raise
-            # Another node's checkpoint (migration): the bucket knows its name.
-            try:
-                return await asyncio.to_thread(self._remote.resolve_name, id_or_name)
-            except NotFound:
-                return id_or_name  # maybe an id: fetch() says whether it exists
+            # Another node's checkpoint (migration): the bucket's name index knows its
+            # name in its namespace; without a namespace it can only be an id.
+            if namespace:
+                with contextlib.suppress(NotFound):
+                    entry = await asyncio.to_thread(self._remote.resolve_name, namespace, id_or_name)
+                    return entry.checkpoint_id
+            if not naming.is_checkpoint_id(id_or_name):
+                raise NotFound(f"checkpoint {id_or_name!r} is not in the registry, nor named so in"
+                               f" namespace {namespace!r} of {self._remote.url}") from None
+            return id_or_name  # fetch() says whether it exists
         if row.state is not CheckpointState.COMMITTED:
             raise FailedPrecondition(f"checkpoint {id_or_name!r} is {row.state.value}, not committed"
                                      + (f": {row.error}" if row.error else ""))
