@@ -63,13 +63,14 @@ class AgentProcess:
         return agent
 
     def write_config(self, *, lock_timeout_ms: int = 1500, hold_after_phase: Mapping[str, float] | None = None,
-                     extra_toml: str = "") -> None:
+                     extra_toml: str = "", node_name: str = "") -> None:
         """(Re)write the TOML config; takes effect at the next start()."""
         self.fake_dir.mkdir(parents=True, exist_ok=True)
         holds = ", ".join(f"{phase} = {float(seconds)}" for phase, seconds in (hold_after_phase or {}).items())
         debug = f"[debug]\nhold_after_phase = {{ {holds} }}\n" if holds else ""
         self.config_path.write_text(
-            f'socket = "{self.socket}"\n'
+            (f'node_name = "{node_name}"\n' if node_name else "")
+            + f'socket = "{self.socket}"\n'
             f'state_dir = "{self.state_dir}"\n'
             f'local_tier = "{self.local_tier}"\n'
             "[cuda]\n"
