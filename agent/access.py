@@ -84,7 +84,11 @@ def check_restore(what: str, owner: Party, requester: Party, shares: Iterable[Sh
     """PermissionDenied unless `requester` took the checkpoint or it is shared with it."""
     if owner == requester or any(share.admits(requester) for share in shares):
         return
-    raise PermissionDenied(
+    raise refusal(what, owner, requester)
+
+
+def refusal(what: str, owner: Party, requester: Party) -> PermissionDenied:
+    return PermissionDenied(
         f"restore of {what} refused: it was taken in {owner} and is not shared with {requester}"
         " (an operator can share it: kybernate checkpoint share)")
 

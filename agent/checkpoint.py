@@ -29,8 +29,9 @@ from kybernate.agent.config import AgentConfig
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.limits import CheckpointLimits
 from kybernate.agent.metrics import AgentMetrics
+from kybernate.agent.promoter import Promoter
 from kybernate.agent.registry import Registry
-from kybernate.agent.storage import LocalTier, Promoter
+from kybernate.agent.storage import LocalTier
 from kybernate.cuda import CudaState
 from kybernate.errors import (
     Cancelled,

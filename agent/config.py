@@ -3,6 +3,7 @@
 Example (every key optional):
 
     socket = "/run/kybernate/agent.sock"
+    node_name = "gpu-node-1"    # this node's key in the bucket's name index; default: host name
     state_dir = "/var/lib/kybernate/agent"
     local_tier = "/var/lib/kybernate/checkpoints"
 
@@ -24,10 +25,14 @@ Example (every key optional):
     region = "us-east-1"
     access_key_id = ""          # empty: boto3's usual chain (env, profile, role)
     secret_access_key = ""
-    max_attempts = 5
+    max_attempts = 5            # promoter: tries per checkpoint, with backoff, before the sweep
     backoff_base_s = 0.5
     backoff_max_s = 30.0
     promote_interval_s = 60.0
+    retry_mode = "standard"     # botocore's retries of each request: standard or adaptive
+    request_max_attempts = 4    # botocore: attempts per request, the first included
+    part_size_bytes = 67108864  # multipart part size (5 MiB to 5 GiB)
+    max_concurrency = 4         # parallel part transfers; memory stays bounded by it
 
     [restore]
     # Host directories an `io.kybernate.restore-from` annotation may name (none by
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import socket
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,6 +65,10 @@ from kybernate.agent.access import ConfiguredShare, Share
 from kybernate.errors import InvalidArgument
 
 CUDA_BACKENDS = ("auto", "driver", "tool", "fake")
+RETRY_MODES = ("standard", "adaptive")
+#: S3's limits on a multipart upload's parts (the last one may be smaller).
+PART_SIZE_MIN = 5 << 20
+PART_SIZE_MAX = 5 << 30
 PHASE_NAMES = ("accepted", "admitted", "gpu_locked", "gpu_checkpointed", "frozen", "dumped", "resumed", "committed")
 
 
@@ -74,15 +84,24 @@ class S3Config:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     promote_interval_s: float = 60.0
+    retry_mode: str = "standard"
+    request_max_attempts: int = 4
+    part_size_bytes: int = 64 << 20
+    max_concurrency: int = 4
 
     @property
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
 
 
+def default_node_name() -> str:
+    return socket.gethostname().lower()
+
+
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
     socket: Path = Path("/run/kybernate/agent.sock")
+    node_name: str = dataclasses.field(default_factory=default_node_name)
     state_dir: Path = Path("/var/lib/kybernate/agent")
     local_tier: Path = Path("/var/lib/kybernate/checkpoints")
     cuda_backend: str = "auto"
@@ -133,11 +152,12 @@ def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wh
 
 
 _KNOWN = {
-    "": {"socket", "state_dir", "local_tier", "cuda", "checkpoint", "s3", "restore", "metrics", "debug"},
+    "": {"socket", "node_name", "state_dir", "local_tier", "cuda", "checkpoint", "s3", "restore", "metrics", "debug"},
     "cuda": {"backend", "fake_dir", "lock_timeout_ms"},
     "checkpoint": {"open_tcp", "leave_running", "memory_budget_bytes", "min_free_bytes"},
     "s3": {"endpoint_url", "bucket", "prefix", "region", "access_key_id", "secret_access_key",
-           "max_attempts", "backoff_base_s", "backoff_max_s", "promote_interval_s"},
+           "max_attempts", "backoff_base_s", "backoff_max_s", "promote_interval_s", "retry_mode",
+           "request_max_attempts", "part_size_bytes", "max_concurrency"},
     "restore": {"allowed_roots", "shares"},
     "metrics": {"port"},
     "debug": {"hold_after_phase", "hold_during_commit"},
@@ -186,6 +206,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> AgentConfig:
     for key in ("socket", "state_dir", "local_tier"):
         if (value := _typed(data, key, str, "")) is not None:
             fields[key] = Path(value)
+    if (node := _typed(data, "node_name", str, "")) is not None:
+        fields["node_name"] = node
 
     cuda = _section(data, "cuda")
     if (backend := _typed(cuda, "backend", str, "[cuda] ")) is not None:
@@ -210,11 +232,12 @@ def config_from_mapping(data: Mapping[str, Any]) -> AgentConfig:
         if not bucket:
             raise InvalidArgument("config: [s3] needs a bucket")
         s3_fields: dict[str, Any] = {"bucket": bucket}
-        for key in ("endpoint_url", "prefix", "region", "access_key_id", "secret_access_key"):
+        for key in ("endpoint_url", "prefix", "region", "access_key_id", "secret_access_key", "retry_mode"):
             if (value := _typed(s3, key, str, "[s3] ")) is not None:
-                s3_fields[key] = value if key == "prefix" else (value or None)
-        if (attempts := _typed(s3, "max_attempts", int, "[s3] ")) is not None:
-            s3_fields["max_attempts"] = attempts
+                s3_fields[key] = value if key in ("prefix", "retry_mode") else (value or None)
+        for key in ("max_attempts", "request_max_attempts", "part_size_bytes", "max_concurrency"):
+            if (value := _typed(s3, key, int, "[s3] ")) is not None:
+                s3_fields[key] = value
         for key in ("backoff_base_s", "backoff_max_s", "promote_interval_s"):
             if (value := _typed(s3, key, (int, float), "[s3] ")) is not None:
                 s3_fields[key] = float(value)
@@ -258,12 +281,28 @@ def validate(config: AgentConfig) -> AgentConfig:
             raise InvalidArgument(f"config: hold_after_phase names unknown phase {phase!r}")
         if seconds < 0:
             raise InvalidArgument(f"config: hold_after_phase {phase} is negative")
-    if config.s3 is not None and config.s3.max_attempts < 1:
-        raise InvalidArgument("config: [s3] max_attempts must be at least 1")
+    try:
+        naming.node_name(config.node_name)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"config: {exc} (set node_name)") from None
+    if config.s3 is not None:
+        _validate_s3(config.s3)
     for path in (config.socket, config.state_dir, config.local_tier, *config.restore_allowed_roots):
         if not path.is_absolute():
             raise InvalidArgument(f"config: {path} must be an absolute path")
     return config
+
+
+def _validate_s3(s3: S3Config) -> None:
+    if s3.max_attempts < 1 or s3.request_max_attempts < 1:
+        raise InvalidArgument("config: [s3] max_attempts and request_max_attempts must be at least 1")
+    if s3.retry_mode not in RETRY_MODES:
+        raise InvalidArgument(f"config: [s3] retry_mode {s3.retry_mode!r} is not one of {', '.join(RETRY_MODES)}")
+    if not PART_SIZE_MIN <= s3.part_size_bytes <= PART_SIZE_MAX:
+        raise InvalidArgument(f"config: [s3] part_size_bytes {s3.part_size_bytes} is outside S3's"
+                              f" {PART_SIZE_MIN} to {PART_SIZE_MAX}")
+    if not 1 <= s3.max_concurrency <= 64:
+        raise InvalidArgument(f"config: [s3] max_concurrency {s3.max_concurrency} is not between 1 and 64")
 
 
 def load_file(path: Path) -> AgentConfig:
@@ -280,6 +319,7 @@ def load_file(path: Path) -> AgentConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file")
     parser.add_argument("--socket", type=Path, help="gRPC unix socket path")
+    parser.add_argument("--node-name", help="this node's key in the bucket's name index")
     parser.add_argument("--state-dir", type=Path, help="registry and work directories")
     parser.add_argument("--local-tier", type=Path, help="directory of committed checkpoints")
     parser.add_argument("--cuda-backend", choices=CUDA_BACKENDS)
@@ -294,7 +334,7 @@ def config_from_args(argv: Sequence[str]) -> AgentConfig:
     args = parser.parse_args(list(argv))
     config = load_file(args.config) if args.config else AgentConfig()
     overrides: dict[str, Any] = {}
-    for flag, field in (("socket", "socket"), ("state_dir", "state_dir"), ("local_tier", "local_tier"),
+    for flag, field in (("socket", "socket"), ("node_name", "node_name"), ("state_dir", "state_dir"), ("local_tier", "local_tier"),
                         ("cuda_backend", "cuda_backend"), ("cuda_fake_dir", "cuda_fake_dir"),
                         ("metrics_port", "metrics_port")):
         if (value := getattr(args, flag)) is not None:

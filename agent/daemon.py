@@ -24,9 +24,12 @@ from kybernate.agent.config import AgentConfig
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.limits import CheckpointLimits
 from kybernate.agent.metrics import AgentMetrics
+from kybernate.agent.fetch import remove_leftover_fetches
+from kybernate.agent.promoter import Promoter
 from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier
+from kybernate.agent.remote import RemoteTier
 from kybernate.agent.server import AgentService
-from kybernate.agent.storage import LocalTier, Promoter, RemoteTier
+from kybernate.agent.storage import LocalTier
 from kybernate.errors import AlreadyExists, FailedPrecondition, KybernateError, NotFound
 from kybernate.protos import agent_pb2_grpc
 
@@ -78,6 +81,7 @@ class Agent:
         self._server: grpc.aio.Server | None = None
         self._service: AgentService | None = None
         self._promoter: Promoter | None = None
+        self._remote: RemoteTier | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -95,9 +99,9 @@ class Agent:
             GpuControl, config.cuda_backend, str(config.cuda_fake_dir) if config.cuda_fake_dir else None)
         versions = HostVersions(kernel=os.uname().release, criu=await criu.version(), runc=await _runc_version(),
                                 cuda_driver=await gpu.driver_version())
-        remote = await asyncio.to_thread(RemoteTier, config.s3) if config.s3 else None
+        remote = self._remote = await asyncio.to_thread(RemoteTier, config.s3) if config.s3 else None
         if remote is not None and config.s3 is not None:
-            self._promoter = Promoter(remote, self.registry, self.local, config.s3,
+            self._promoter = Promoter(remote, self.registry, self.local, config.s3, node=config.node_name,
                                       on_uploaded=self._on_uploaded)
             self._promoter.start()  # its first sweep re-queues what was dirty
         budget = config.memory_budget_bytes or psutil.virtual_memory().total
@@ -125,11 +129,14 @@ class Agent:
           says; a row whose local data is gone (and never reached the remote tier) is
           failed; a row still `staging` is failed.
         - A committed directory no row knows (a lost registry) gets its row back.
+        - A download that never completed (a `.fetch-` directory) is removed.
         - CRIU work directories of unfinished checkpoints keep their logs with the
           other failures; only the newest `FAILED_LOGS_KEPT` are kept.
         """
         local, registry = self.local, self.registry
         dirty = self.config.s3 is not None
+        for leftover in await asyncio.to_thread(remove_leftover_fetches, local):
+            log.warning("removed a download that never completed: %s", leftover)
         for checkpoint_id, path in local.leftover_staging():
             document = None
             if naming.is_checkpoint_id(checkpoint_id) and not local.committed(checkpoint_id).exists():
@@ -231,6 +238,8 @@ class Agent:
             self._server = None
         if self._promoter is not None:
             await self._promoter.stop()
+        if self._remote is not None:  # cancels transfers still running in threads
+            await asyncio.to_thread(self._remote.close)
         await self.registry.close()
         self.metrics.close()
         if owned_socket:  # never remove another agent's socket

@@ -22,9 +22,11 @@ from typing import Any
 
 from kybernate.agent import access, commit, naming
 from kybernate.agent.access import ConfiguredShare, Party
+from kybernate.agent.fetch import Fetcher
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier, split_reference
-from kybernate.agent.storage import LocalTier, RemoteTier, fetch
+from kybernate.agent.remote import RemoteTier
+from kybernate.agent.storage import LocalTier
 from kybernate.errors import DataLoss, FailedPrecondition, InvalidArgument, KybernateError, NotFound
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class RestorePreparer:
         self._registry = registry
         self._local = local
         self._remote = remote
+        # One download per checkpoint however many restores ask for it at once.
+        self._fetcher = Fetcher(remote, local, criu_version=criu_version) if remote is not None else None
         self._gpu = gpu
         self._criu_version = criu_version
         self._allowed_roots = tuple(allowed_roots)
@@ -77,8 +81,8 @@ class RestorePreparer:
         access.check_restore(f"checkpoint {reference!r}", row.owner, requester, shares)
         if self._local.has(row.id):
             directory = self._local.committed(row.id)
-        elif self._remote is not None:
-            directory = await fetch(self._remote, self._local, row.id, criu_version=self._criu_version)
+        elif self._fetcher is not None:
+            directory = await self._fetcher.fetch(row.id)
         else:
             raise NotFound(f"checkpoint {reference!r} is not in the local tier and no remote tier is configured")
         prepared = await self._verified(directory)
@@ -108,16 +112,22 @@ class RestorePreparer:
 
     async def _from_remote(self, reference: str, requester: Party) -> PreparedRestore:
         """Another node's checkpoint (migration), found through the bucket's name index."""
-        assert self._remote is not None
+        assert self._remote is not None and self._fetcher is not None
         where = split_reference(reference, requester.namespace)
         if isinstance(where, str):
             checkpoint_id = where
         else:
             namespace, name = where
-            checkpoint_id = naming.checkpoint_id(
-                await asyncio.to_thread(self._remote.resolve_name, namespace, name))
-        directory = await fetch(self._remote, self._local, checkpoint_id, criu_version=self._criu_version)
-        metadata = await asyncio.to_thread(commit.verify, directory, criu_version=self._criu_version)
+            if namespace != requester.namespace and not any(
+                    c.checkpoint == f"{namespace}/{name}" and c.share.admits(requester)
+                    for c in self._configured_shares):
+                # Not ours, and no configured share names it: nothing is downloaded.
+                raise access.refusal(f"checkpoint {reference!r}", Party(namespace), requester)
+            entry = await asyncio.to_thread(self._remote.resolve_name, namespace, name)
+            checkpoint_id = naming.checkpoint_id(entry.checkpoint_id)
+        # The fetch verifies every file (commit.verify) before it renames into place.
+        directory = await self._fetcher.fetch(checkpoint_id)
+        metadata = await asyncio.to_thread(commit.read_metadata, directory)
         row = CheckpointRow.from_metadata(metadata, tier=Tier.REMOTE, dirty=False)
         try:
             access.check_restore(f"checkpoint {reference!r}", row.owner, requester,

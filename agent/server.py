@@ -20,8 +20,8 @@ from kybernate.agent.access import Party, Share, configured_shares
 from kybernate.agent.checkpoint import CheckpointPipeline, PipelineDeps, plan_checkpoint
 from kybernate.agent.progress import ProgressChannel
 from kybernate.agent.registry import CheckpointRow, CheckpointState
+from kybernate.agent.remote import RemoteTier
 from kybernate.agent.restore import RestorePreparer, complete_restore, metadata_json
-from kybernate.agent.storage import RemoteTier
 from kybernate.errors import FailedPrecondition, InvalidArgument, KybernateError
 from kybernate.protos import agent_pb2, agent_pb2_grpc
 

@@ -334,7 +334,7 @@ def test_agent_killed_mid_checkpoint_leaves_no_checkpoint(workdir: Path, contain
 
         async def inspect() -> agent_pb2.InspectCheckpointResponse:
             async with AgentClient(agent.socket) as client:
-                return await client.inspectstream_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=checkpoint_id))
+                return await client.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=checkpoint_id))
         response = asyncio.run(inspect())
         assert response.record.state == "failed" and "stopped before" in response.record.error
         assert response.metadata_json == ""
@@ -352,8 +352,8 @@ def test_upload_to_s3_and_restore_by_name_on_another_node(workdir: Path, contain
                   "backoff_base_s = 0.1\npromote_interval_s = 1.0\n")
     try:
         s3.make_bucket(bucket)
-        node_a.write_config(extra_toml=s3_section)
-        node_b.write_config(extra_toml=s3_section)
+        node_a.write_config(extra_toml=s3_section, node_name="node-a")
+        node_b.write_config(extra_toml=s3_section, node_name="node-b")
         node_a.start()
         container.wait_count(2)
         name = f"{container.id}-s3"
@@ -362,13 +362,16 @@ def test_upload_to_s3_and_restore_by_name_on_another_node(workdir: Path, contain
 
         async def record(agent: AgentProcess) -> agent_pb2.CheckpointRecord:
             async with AgentClient(agent.socket) as client:
-                response = await client.inspectstream_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=f"default/{name}"))
+                response = await client.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=f"default/{name}"))
                 return response.record
         deadline = time.monotonic() + 30
         while (row := asyncio.run(record(node_a))).dirty:
             assert time.monotonic() < deadline, "checkpoint never uploaded"
             time.sleep(0.2)
         assert row.tier == "remote" and row.local_path, "uploaded, and still usable locally"
+        checkpoint_id = seen[-1].checkpoint_id
+        entry = s3.client().get_object(Bucket=bucket, Key=f"ckpt/names/default/{name}/node-a")["Body"].read()
+        assert json.loads(entry)["id"] == checkpoint_id, "node-a's own entry in the name index"
 
         node_b.start()  # another node: empty registry and tier, same bucket
 
@@ -376,7 +379,8 @@ def test_upload_to_s3_and_restore_by_name_on_another_node(workdir: Path, contain
             async with AgentClient(node_b.socket) as client:
                 return await client.prepare_restore(agent_pb2.PrepareRestoreRequest(checkpoint=name, namespace="default"))
         prepared = asyncio.run(prepare())
-        assert Path(prepared.image_dir) == node_b.local_tier / seen[-1].checkpoint_id
+        assert Path(prepared.image_dir) == node_b.local_tier / checkpoint_id
+        assert not list(node_b.local_tier.glob(".fetch-*"))
         assert json.loads(prepared.metadata_json)["name"] == name
         assert asyncio.run(record(node_b)).state == "committed"
     finally:

@@ -67,7 +67,7 @@ class AgentProcess:
 
     def write_config(self, *, lock_timeout_ms: int = 1500, hold_after_phase: Mapping[str, float] | None = None,
                      hold_during_commit: float = 0.0, memory_budget_bytes: int = 0,
-                     extra_toml: str = "") -> None:
+                     extra_toml: str = "", node_name: str = "") -> None:
         """(Re)write the TOML config; takes effect at the next start()."""
         self.fake_dir.mkdir(parents=True, exist_ok=True)
         holds = ", ".join(f"{phase} = {float(seconds)}" for phase, seconds in (hold_after_phase or {}).items())
@@ -76,7 +76,8 @@ class AgentProcess:
             debug = "[debug]\n" + (f"hold_after_phase = {{ {holds} }}\n" if holds else "")
             debug += f"hold_during_commit = {float(hold_during_commit)}\n" if hold_during_commit else ""
         self.config_path.write_text(
-            f'socket = "{self.socket}"\n'
+            (f'node_name = "{node_name}"\n' if node_name else "")
+            + f'socket = "{self.socket}"\n'
             f'state_dir = "{self.state_dir}"\n'
             f'local_tier = "{self.local_tier}"\n'
             "[cuda]\n"

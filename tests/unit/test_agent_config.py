@@ -72,3 +72,39 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("socket = \n")
     with pytest.raises(InvalidArgument, match="bad.toml"):
         load_file(bad)
+
+
+def test_node_name_defaults_to_the_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "GPU-Node-7.example")
+    assert AgentConfig().node_name == "gpu-node-7.example"
+    assert config_from_mapping({"node_name": "node-b"}).node_name == "node-b"
+    assert config_from_args(["--node-name", "node-c"]).node_name == "node-c"
+
+
+@pytest.mark.parametrize("node", ["Node_A", "../a", "a/b", ""])
+def test_node_name_that_cannot_be_a_key_is_refused(node: str) -> None:
+    with pytest.raises(InvalidArgument, match="node name .*set node_name"):
+        config_from_mapping({"node_name": node})
+
+
+def test_s3_transfer_and_retry_settings() -> None:
+    config = config_from_mapping({"s3": {"bucket": "b", "retry_mode": "adaptive", "request_max_attempts": 6,
+                                         "part_size_bytes": 16 << 20, "max_concurrency": 8}})
+    assert config.s3 is not None
+    assert (config.s3.retry_mode, config.s3.request_max_attempts) == ("adaptive", 6)
+    assert (config.s3.part_size_bytes, config.s3.max_concurrency) == (16 << 20, 8)
+    defaults = config_from_mapping({"s3": {"bucket": "b"}}).s3
+    assert defaults is not None and (defaults.retry_mode, defaults.part_size_bytes) == ("standard", 64 << 20)
+
+
+@pytest.mark.parametrize("s3, message", [
+    ({"retry_mode": "legacy"}, "retry_mode 'legacy'"),
+    ({"retry_mode": ""}, "retry_mode ''"),
+    ({"request_max_attempts": 0}, "at least 1"),
+    ({"part_size_bytes": 1 << 20}, "outside S3's"),
+    ({"part_size_bytes": 6 << 30}, "outside S3's"),
+    ({"max_concurrency": 0}, "max_concurrency 0"),
+])
+def test_bad_s3_settings_are_refused(s3: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        config_from_mapping({"s3": {"bucket": "b", **s3}})
