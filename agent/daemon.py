@@ -21,10 +21,10 @@ import psutil
 from kybernate.agent import commit, naming
 from kybernate.agent.checkpoint import HostVersions, PipelineDeps
 from kybernate.agent.config import AgentConfig
+from kybernate.agent.fetch import remove_leftover_fetches
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.limits import CheckpointLimits
 from kybernate.agent.metrics import AgentMetrics
-from kybernate.agent.fetch import remove_leftover_fetches
 from kybernate.agent.promoter import Promoter
 from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier
 from kybernate.agent.remote import RemoteTier
