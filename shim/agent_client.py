@@ -54,6 +54,10 @@ class AgentClient:
             await self._channel.close()
             self._channel = self._stub = None
 
+    async def connect(self) -> None:
+        """Reach the agent now (Unavailable, naming the socket, when it cannot be)."""
+        await self._connected()
+
     async def _connected(self) -> Any:
         if self._stub is not None:
             return self._stub

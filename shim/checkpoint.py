@@ -1,19 +1,23 @@
 """Checkpoint through the node agent, with the kill policy; GPU locks around Pause.
 
-The agent runs the pipeline and streams one progress message per phase, so the shim
-always knows how far it got. What the shim decides is what happens to the container
-when the pipeline does not finish:
+The agent runs the pipeline and streams one progress message per phase. What the
+shim decides is what happens to the container when the pipeline does not finish:
 
-| how far the agent got | what went wrong | container | error |
-|---|---|---|---|
-| not reachable, or refused | - | untouched, still as it was | Unavailable naming the socket / the agent's error |
-| ACCEPTED (waiting for admission) | anything | untouched | the cause |
-| ADMITTED .. DUMPED | FAILED with RESTORED | running (or paused) as before | the agent's error (CRIU's line) |
-| ADMITTED .. DUMPED | FAILED with MUST_KILL; stream broken; agent dead or hung past the deadline; a Kill arrived | SIGKILLed at once; the reaper publishes the exit | FailedPrecondition / Unavailable / DeadlineExceeded / Cancelled naming the phase and the kill |
-| RESUMED (or DUMPED with `exit`) | anything before COMMITTED | as the dump left it: running, or exited | the cause; the agent commits or fails the checkpoint on its own |
+| what the shim heard | container | error |
+|---|---|---|
+| nothing: the agent could not be reached | untouched | Unavailable naming the socket |
+| the agent's refusal of the request (before ACCEPTED) | untouched | the agent's error |
+| FAILED with UNTOUCHED, RESTORED or EXITED | as the agent says: as it was, or exited | the agent's error (CRIU's line) |
+| FAILED with MUST_KILL; the stream broke; the agent hung past the deadline; a Kill arrived, all before RESUMED | SIGKILLed at once; the reaper publishes the exit | FailedPrecondition / Unavailable / DeadlineExceeded / Cancelled naming the phase and the kill |
+| RESUMED, then no COMMITTED | running as before | the cause; the agent commits or fails the checkpoint on its own |
 
-Between ADMITTED and the end of the dump the processes may be CUDA-locked, frozen or
-half-seized by CRIU; resuming them is not safe, so they are killed, never resumed.
+Once the stream is open the agent may act on the container at any moment, and a
+broken stream can lose its last messages: so without the agent's own word that the
+container is back (RESUMED) or was never touched (a refusal, or FAILED saying so),
+the container is taken to be CUDA-locked, frozen or half-seized by CRIU. Resuming
+such processes is not safe; they are killed, never resumed. (A container that waits
+for admission is untouched, frozen as containerd left it; it is killed all the same
+if its agent dies then, since the shim cannot tell that wait from what follows.)
 
 grpc is loaded by the agent client on first use: only a checkpoint or a pause with
 an agent present pays for it.
@@ -74,13 +78,17 @@ def _phase_name(phase: int) -> str:
     return agent_pb2.Phase.Name(phase) if phase else "none"
 
 
-def _undefined_after(phase: int) -> bool:
-    """Whether a container the agent left after `phase` may be locked, frozen or
-    half-seized (and so must be killed if the pipeline goes no further)."""
+def _safe_after(phase: int) -> bool:
+    """Whether the agent said the container is back (resumed as it was) or done with."""
     from kybernate.protos import agent_pb2
 
-    return phase in (agent_pb2.ADMITTED, agent_pb2.GPU_LOCKED, agent_pb2.GPU_CHECKPOINTED,
-                     agent_pb2.FROZEN, agent_pb2.DUMPED)
+    return phase in (agent_pb2.RESUMED, agent_pb2.COMMITTED)
+
+
+#: What gRPC says when the connection broke rather than the agent answering: after
+#: them the shim cannot know how far the agent got (its last messages may be lost).
+_TRANSPORT_FAILURES = frozenset({StatusCode.UNAVAILABLE, StatusCode.CANCELLED, StatusCode.UNKNOWN,
+                                 StatusCode.DEADLINE_EXCEEDED})
 
 
 class AgentCheckpointer:
@@ -145,6 +153,9 @@ class _CheckpointRun:
         self.container = container
         self.socket = socket
         self.phase = 0
+        # The stream was opened: from here on the agent may act on the container, and
+        # only its own word (a FAILED message, a refusal, RESUMED) says otherwise.
+        self.started = False
         self.committed = False
         # Committed, or failed with the kill policy applied: nothing left to do.
         self.finished = False
@@ -156,13 +167,12 @@ class _CheckpointRun:
 
     @property
     def undefined(self) -> bool:
-        return _undefined_after(self.phase)
+        """Whether the container must be killed if the pipeline ends here unannounced."""
+        return self.started and not _safe_after(self.phase)
 
     def condition(self) -> str:
         """What the container is like now, for messages (when not undefined)."""
-        from kybernate.protos import agent_pb2
-
-        if self.phase in (0, agent_pb2.ACCEPTED):
+        if not self.started:
             return "the container was not touched"
         return ("the container was resumed as it was; the agent commits the checkpoint or marks it "
                 "failed on its own")
@@ -173,6 +183,8 @@ class _CheckpointRun:
         container = self.container
         try:
             async with AgentClient(self.socket, connect_timeout=connect_timeout_s) as client:
+                await client.connect()
+                self.started = True
                 async for progress in client.checkpoint(request):
                     if progress.phase == agent_pb2.FAILED:
                         self.failure = progress
@@ -202,9 +214,10 @@ class _CheckpointRun:
         self.finished = True
         failure = self.failure
         if failure is None:
-            if self.phase == 0:
-                if isinstance(err, Unavailable):
-                    raise Unavailable(f"checkpoint of {container.id}: {err} (container untouched)") from None
+            if not self.started:
+                raise Unavailable(f"checkpoint of {container.id}: {err} (container untouched)") from None
+            if self.phase == 0 and err.code not in _TRANSPORT_FAILURES:
+                # The agent's own answer to the request, before it began.
                 raise err.with_message(f"checkpoint of {container.id} refused: {err}") from None
             if self.undefined:  # the stream broke with the container in the agent's hands
                 await container.kill_everything()

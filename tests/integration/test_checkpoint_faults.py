@@ -71,10 +71,10 @@ STATE_WHILE_HOLDING = {
     "dumped": ("CHECKPOINTED", "FROZEN"),
     "resumed": ("LOCKED", "FROZEN"),  # back as Pause left it, for the client's Resume
 }
-# What losing the agent there means: the container is killed only while the agent held
-# it in an undefined state; a checkpoint whose dump had finished is committed by the
-# next agent from its staging directory.
-KILLED_AFTER = {"admitted", "gpu_locked", "gpu_checkpointed", "frozen", "dumped"}
+# What losing the agent there means: the container is killed unless the agent had said
+# it was back (RESUMED); a checkpoint whose dump had finished is committed by the next
+# agent from its staging directory.
+KILLED_AFTER = {"accepted", "admitted", "gpu_locked", "gpu_checkpointed", "frozen", "dumped"}
 COMMITTED_AFTER = {"dumped", "resumed"}
 KILL_CASES = [(phase, n) for phase, count in KILL_ROUNDS.items() for n in range(1, count + 1)]
 
@@ -254,6 +254,14 @@ def wait_for_hold(agent: AgentProcess, phase: str, log_offset: int, command: sub
     raise AssertionError(f"the agent never held at {phase}:\n{agent.log()[log_offset:]}")
 
 
+def wait_for_shim_phase(ctd: Containerd, container_id: str, phase: str, timeout: float = 30.0) -> None:
+    """Until the shim has logged (into containerd's log) the progress message of `phase`:
+    the agent wrote it, but a message in flight is lost if the agent dies."""
+    needle = f"checkpoint of {container_id}: {phase.upper()} after"
+    wait_until(lambda: needle in ctd.log_path.read_text(errors="replace"), timeout,
+               f"the shim to receive {phase.upper()}")
+
+
 def both_sleeping(ctd: Containerd, container_id: str) -> bool:
     """Both processes of `two_sleepers` exist and have exec'ed `sleep` (before that, the
     child is a shell without the CUDA marker in its environment)."""
@@ -331,6 +339,7 @@ def test_agent_killed_while_holding_after_phase(ctd: ScratchContainerd, node: Ag
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env=ctd.environment())
         wait_for_hold(node, phase, log_offset, checkpoint)
+        wait_for_shim_phase(ctd, container_id, phase)
         staging = staging_dirs(node)
         assert len(staging) == 1, f"expected one staging dir while holding, found {staging}"
         attempt_id = staging[0].name.removeprefix(".staging-")
@@ -355,8 +364,8 @@ def test_agent_killed_while_holding_after_phase(ctd: ScratchContainerd, node: Ag
             assert cgroup_pids(ctd, container_id) == set()
             assert live_pids_with_marker(token) == []
         else:
-            # Untouched (waiting for admission) or resumed as it was: it lives on, and
-            # ctr's Resume thawed it (its GPU unlock waits for the agent).
+            # Resumed as it was: it lives on, and ctr's Resume thawed it (its GPU
+            # unlock waits for the agent).
             assert "killed" not in err, err
             assert "lost the kybernate agent" in err, err
             ctd.wait_task_status(container_id, "RUNNING")
@@ -780,3 +789,35 @@ def test_kill_during_a_hung_checkpoint_returns_at_once(ctd: ScratchContainerd, n
         assert_nothing_left(ctd, container_id)
     finally:
         stop_checkpoint_and_agent(checkpoint, node)
+
+
+def test_a_checkpoint_of_a_container_paused_without_a_gpu_lock_leaves_no_lock(
+        ctd: ScratchContainerd, agent: AgentProcess, new_id) -> None:
+    """Pause found no agent (it was hung: SIGSTOP) and froze without locking CUDA; the
+    agent answers again by Checkpoint. The pipeline thaws, locks, dumps, and gives the
+    container back frozen as Pause left it: unlocked, since Pause had taken no lock, so
+    that the client's Resume, which has nothing to unlock, leaves CUDA running."""
+    container_id = new_id()
+    token = f"nolock-{container_id}"
+    run_container(ctd, agent, container_id, "sh", "-c", f"{ENV_TOKEN}={token} exec sleep 1000000")
+    committed_before = agent.committed_checkpoints()
+    agent.pause()
+    checkpoint = subprocess.Popen(ctd.ctr_argv("task", "checkpoint", container_id), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ctd.environment())
+    try:
+        wait_until(lambda: freezer_state(ctd, container_id) == "FROZEN", 30, "Pause to freeze without a lock")
+        assert fake_cuda_state(agent, token) in (None, "RUNNING"), "never locked"
+        agent.cont()
+        out, err = checkpoint.communicate(timeout=120)
+    finally:
+        agent.cont()
+        if checkpoint.poll() is None:
+            checkpoint.kill()
+            checkpoint.communicate()
+    assert checkpoint.returncode == 0, err + agent.log()[-3000:]
+    ctd.wait_task_status(container_id, "RUNNING", timeout=10)
+    assert freezer_state(ctd, container_id) == "THAWED"
+    assert fake_cuda_state(agent, token) == "RUNNING", "no CUDA lock is left behind"
+    assert len(agent.committed_checkpoints()) == len(committed_before) + 1
+    if out.strip():
+        ctd.ctr("images", "rm", out.strip().splitlines()[-1], timeout=30)

@@ -65,6 +65,15 @@ def serving_pids(path: str) -> list[int]:
     return pids
 
 
+def wait_for_server(path: str, timeout: float = 10.0) -> list[int]:
+    """The serving processes of `path`, once there is one: `start` hands the listening
+    socket over a unix socket, and while it is in flight no process holds it."""
+    deadline = time.monotonic() + timeout
+    while not (servers := serving_pids(path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return servers
+
+
 async def call(path: str, method: str, request, response_type):
     client = await TtrpcClient.connect(path)
     try:
@@ -113,7 +122,7 @@ def test_start_prints_address_and_serves(started_shim: dict) -> None:
     assert (started_shim["bundle"] / "address").read_text() == started_shim["address"]
     path = started_shim["path"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    servers = serving_pids(path)
+    servers = wait_for_server(path)
     assert len(servers) == 1, servers
     server = servers[0]
     # Detached: its own session, stdio on /dev/null, one more oom_score_adj than its parent.
@@ -148,7 +157,7 @@ def read_log_until(fd: int, marker: bytes, timeout: float = 5.0) -> bytes:
 
 def test_start_reuses_the_running_shim(started_shim: dict, fake_containerd_address: str) -> None:
     assert started_shim["result"].returncode == 0
-    first = serving_pids(started_shim["path"])
+    first = wait_for_server(started_shim["path"])
     bundle = started_shim["bundle"]
     (bundle / "address").unlink()
     again = run_shim(shim_command(fake_containerd_address, started_shim["id"], "start"),
@@ -162,7 +171,7 @@ def test_start_reuses_the_running_shim(started_shim: dict, fake_containerd_addre
 def test_shutdown_stops_the_shim_and_removes_its_socket(started_shim: dict) -> None:
     assert started_shim["result"].returncode == 0
     path = started_shim["path"]
-    [server] = serving_pids(path)
+    [server] = wait_for_server(path)
     asyncio.run(call(path, "Shutdown", shim_pb2.ShutdownRequest(id=started_shim["id"]),
                      empty_pb2.Empty))
     deadline = time.monotonic() + 10

@@ -104,3 +104,69 @@ def test_export_copies_across_filesystems(tmp_path: Path) -> None:
     finally:
         import shutil
         shutil.rmtree(destination, ignore_errors=True)
+
+
+# -- complete data survives the agent: the draft ------------------------------------------
+
+
+def test_a_complete_draft_is_committed_by_recover(tmp_path: Path) -> None:
+    staging, final = _staged(tmp_path)
+    commit.write_draft(staging, METADATA, commit.DRAFT_COMPLETE, work_dir=tmp_path / "work")
+    (staging / commit.METADATA_FILE).write_text('{"half": ')  # the agent died writing it
+    document = commit.recover(staging, final)
+    assert document is not None and document["name"] == "web-1"
+    assert commit.DRAFT_FILE not in document["files"]
+    assert sorted(p.name for p in final.iterdir()) == ["inventory.img", "metadata.json", "pages-1.img", "sub"]
+    assert commit.verify(final)["id"] == "c1"
+
+
+def test_a_dump_in_progress_is_recovered_only_if_criu_finished(tmp_path: Path) -> None:
+    staging, final = _staged(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    commit.write_draft(staging, METADATA, commit.DRAFT_DUMPING, work_dir=work)
+    assert commit.recover(staging, final) is None  # no dump.log: CRIU never finished
+    (work / "dump.log").write_text("(00.1) Dumping task\n(00.9) Dumping finished successfully\n")
+    assert commit.recover(staging, final) is not None
+
+
+def test_a_draft_from_another_boot_is_not_trusted(tmp_path: Path) -> None:
+    """Unsynced images do not survive a reboot: a draft written before one is refused."""
+    staging, final = _staged(tmp_path)
+    commit.write_draft(staging, METADATA, commit.DRAFT_COMPLETE, work_dir=tmp_path)
+    draft = json.loads((staging / commit.DRAFT_FILE).read_text())
+    draft["boot_id"] = "00000000-0000-0000-0000-000000000000"
+    (staging / commit.DRAFT_FILE).write_text(json.dumps(draft))
+    assert commit.recover(staging, final) is None and not final.exists()
+
+
+def test_no_draft_no_recovery(tmp_path: Path) -> None:
+    staging, final = _staged(tmp_path)
+    assert commit.recover(staging, final) is None
+
+
+# -- metadata from elsewhere never becomes a path outside the checkpoint -------------------
+
+
+@pytest.mark.parametrize("entry", ["../escape", "/etc/passwd", "a/../../x", "./a", "a//b", "", "a/", "metadata.json",
+                                   ".kybernate-draft.json"])
+def test_metadata_paths_leading_out_are_refused(tmp_path: Path, entry: str) -> None:
+    staging, final = _staged(tmp_path)
+    commit.commit(staging, final, METADATA)
+    document = json.loads((final / "metadata.json").read_text())
+    document["files"][entry] = {"size": 1, "sha256": "0" * 64}
+    (final / "metadata.json").write_text(json.dumps(document))
+    with pytest.raises(DataLoss):
+        commit.verify(final)
+
+
+@pytest.mark.parametrize("entry", [{"size": -1, "sha256": "0" * 64}, {"size": True, "sha256": "0" * 64},
+                                   {"size": 1, "sha256": "xyz"}, {"size": 1}, "nope"])
+def test_metadata_entries_need_a_size_and_a_sha256(tmp_path: Path, entry: object) -> None:
+    staging, final = _staged(tmp_path)
+    commit.commit(staging, final, METADATA)
+    document = json.loads((final / "metadata.json").read_text())
+    document["files"]["inventory.img"] = entry
+    (final / "metadata.json").write_text(json.dumps(document))
+    with pytest.raises(DataLoss, match="inventory.img"):
+        commit.verify(final)

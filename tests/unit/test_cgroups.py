@@ -268,3 +268,50 @@ def test_v2_freeze_thaw_and_stats(v2: ScratchCgroup, tmp_path: Path) -> None:
     assert type(metrics).DESCRIPTOR.full_name == "io.containerd.cgroups.v2.Metrics"
     assert metrics.cpu.usage_usec > 0
     assert metrics.cpu.usage_usec >= metrics.cpu.user_usec
+
+
+FORKER = "read go; while :; do sleep 100 & sleep 0.01; done"
+
+
+@pytest.mark.parametrize("frozen_first", [False, True], ids=["running", "frozen"])
+def test_v1_kill_leaves_no_process_even_while_forking(v1: ScratchCgroup, frozen_first: bool) -> None:
+    """Freeze, list, SIGKILL, thaw: a process forking as fast as it can cannot slip a
+    child past the kill; a cgroup the agent left frozen dies too."""
+    proc = v1.start(["sh", "-c", FORKER])
+    cgroup = Cgroup.for_pid(proc.pid, version=1)
+    assert isinstance(cgroup, CgroupV1)
+
+    async def body() -> list[int]:
+        while len(cgroup.pids()) < 5:
+            await asyncio.sleep(0.02)
+        if frozen_first:
+            await cgroup.freeze(timeout=10)
+        return await cgroup.kill(timeout=10)
+
+    victims = asyncio.run(body())
+    assert proc.pid in victims and len(victims) >= 5
+    assert cgroup.pids() == []
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert cgroup.freezer_state() == "THAWED"
+
+
+def test_v2_kill_uses_cgroup_kill(v2: ScratchCgroup) -> None:
+    proc = v2.start(["sh", "-c", FORKER])
+    cgroup = Cgroup.for_pid(proc.pid, version=2)
+    assert (v2.dirs["unified"] / "cgroup.kill").exists(), "Linux 5.14 or newer"
+
+    async def body() -> list[int]:
+        while len(cgroup.pids()) < 5:
+            await asyncio.sleep(0.02)
+        await cgroup.freeze(timeout=10)  # frozen tasks die of cgroup.kill too
+        return await cgroup.kill(timeout=10)
+
+    victims = asyncio.run(body())
+    assert proc.pid in victims
+    assert cgroup.pids() == []
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_killing_a_removed_cgroup_is_a_no_op(v2: ScratchCgroup) -> None:
+    cgroup = CgroupV2(str(v2.dirs["unified"] / "gone"))
+    assert asyncio.run(cgroup.kill()) == []

@@ -493,3 +493,90 @@ def test_delete_of_created_init_releases_waiters(sandbox: Sandbox) -> None:
             await runc.state(cid)
 
     with_reaper(body)
+
+
+# -- a checkpoint runs without the lock; Kill aborts it --------------------------------
+
+
+def test_kill_aborts_a_checkpoint_in_flight(tmp_path: Path) -> None:
+    """A checkpoint waiting on a hung agent holds no lock: Pause and Exec are refused at
+    once, Kill cancels the checkpoint (which fails with Cancelled, saying why) and then
+    signals; the process is back in the state it came from."""
+    async def body() -> None:
+        runc = RecordingRunc()
+        process = InitProcess(id="c1", bundle=tmp_path, runc=runc,  # type: ignore[arg-type]
+                              stdio=Stdio(), namespace="test")
+        process._pid = 4242
+        process._state = S.PAUSED
+        hung = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        async def hung_checkpoint() -> None:
+            hung.set()
+            try:
+                await asyncio.Event().wait()  # the agent never answers
+            except asyncio.CancelledError:
+                cancelled.set()  # where the kill policy runs
+                raise
+
+        checkpoint = asyncio.create_task(process.checkpoint(hung_checkpoint))
+        await hung.wait()
+        assert process.state is S.CHECKPOINTING and process.reported_state is S.PAUSED
+        for refused in (process.resume(), process.update({}), process.admit_exec(),
+                        process.checkpoint(_noop)):
+            with pytest.raises(FailedPrecondition, match="checkpoint"):
+                await asyncio.wait_for(refused, 1)
+        await asyncio.wait_for(process.kill(signal.SIGKILL), 1)
+        assert cancelled.is_set()
+        assert runc.calls == ["kill"]
+        with pytest.raises(KybernateError, match="abandoned: signal 9") as raised:
+            await checkpoint
+        assert raised.value.code == 1  # Cancelled
+        assert process.state is S.PAUSED
+
+    asyncio.run(body())
+
+
+def test_an_exit_during_a_checkpoint_is_kept(tmp_path: Path) -> None:
+    """CRIU's `exit` stops the tasks during the dump: the process ends STOPPED."""
+    async def body() -> None:
+        process = InitProcess(id="c1", bundle=tmp_path, runc=RecordingRunc(),  # type: ignore[arg-type]
+                              stdio=Stdio(), namespace="test")
+        process._pid = 4242
+        process._state = S.RUNNING
+
+        async def dump_with_exit() -> None:
+            await process.set_exited(137)
+
+        await process.checkpoint(dump_with_exit)
+        assert process.state is S.STOPPED and (await process.wait()).status == 137
+
+    asyncio.run(body())
+
+
+def test_a_kill_that_finds_the_aborted_checkpoints_victim_gone_succeeds(tmp_path: Path) -> None:
+    async def body() -> None:
+        class GoneRunc(RecordingRunc):
+            async def kill(self, *args: Any, **kwargs: Any) -> None:
+                from kybernate.runtime.runc import ProcessNotFound
+                raise ProcessNotFound("container not running")
+
+        process = InitProcess(id="c1", bundle=tmp_path, runc=GoneRunc(),  # type: ignore[arg-type]
+                              stdio=Stdio(), namespace="test")
+        process._pid = 4242
+        process._state = S.RUNNING
+        started = asyncio.Event()
+
+        async def checkpoint_then_policy_kills() -> None:
+            started.set()
+            await asyncio.Event().wait()
+
+        task = asyncio.create_task(process.checkpoint(checkpoint_then_policy_kills))
+        await started.wait()
+        await process.kill(signal.SIGTERM)  # no NotFound: the abort's kill got there first
+        with pytest.raises(KybernateError):
+            await task
+        with pytest.raises(NotFound):  # without a checkpoint to abort, it is an error as ever
+            await process.kill(signal.SIGTERM)
+
+    asyncio.run(body())
