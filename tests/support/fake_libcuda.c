@@ -16,6 +16,7 @@
 #include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef int CUresult;
@@ -324,7 +325,63 @@ CUresult cuCheckpointProcessGetRestoreThreadId(int pid, int *tid) {
     return err;
 }
 
-/* cuda-bindings asks for every function by name; hand out our own symbols. */
+/* -- contexts and memory, enough for bench/gpu_workload.py: "device" memory is host
+   memory here, so a test can read and change it through /proc/PID/mem. ------------- */
+
+static int primary_context = 1;
+
+CUresult cuDeviceGetName(char *name, int length, CUdevice device) {
+    if (!initialised) return NOT_INITIALIZED;
+    if (device < 0 || device >= device_count || length <= 0) return INVALID_VALUE;
+    snprintf(name, (size_t)length, "Fake GPU %d", device);
+    return SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(void **context, CUdevice device) {
+    if (!initialised) return NOT_INITIALIZED;
+    if (device < 0 || device >= device_count) return INVALID_DEVICE;
+    *context = &primary_context;
+    return SUCCESS;
+}
+
+CUresult cuCtxSetCurrent(void *context) { return context == &primary_context ? SUCCESS : INVALID_VALUE; }
+
+CUresult cuCtxSynchronize(void) { return SUCCESS; }
+
+CUresult cuMemAlloc_v2(uint64_t *pointer, size_t size) {
+    void *memory = malloc(size);
+    if (!memory) return 2; /* CUDA_ERROR_OUT_OF_MEMORY */
+    *pointer = (uint64_t)(uintptr_t)memory;
+    return SUCCESS;
+}
+
+CUresult cuMemFree_v2(uint64_t pointer) {
+    free((void *)(uintptr_t)pointer);
+    return SUCCESS;
+}
+
+CUresult cuMemAllocHost_v2(void **pointer, size_t size) {
+    *pointer = malloc(size);
+    return *pointer ? SUCCESS : 2;
+}
+
+CUresult cuMemFreeHost(void *pointer) {
+    free(pointer);
+    return SUCCESS;
+}
+
+CUresult cuMemcpyHtoD_v2(uint64_t device, const void *host, size_t count) {
+    memcpy((void *)(uintptr_t)device, host, count);
+    return SUCCESS;
+}
+
+CUresult cuMemcpyDtoH_v2(void *host, uint64_t device, size_t count) {
+    memcpy(host, (const void *)(uintptr_t)device, count);
+    return SUCCESS;
+}
+
+/* cuda-bindings asks for every function by its base name and gets the newest version
+   of it (cuMemAlloc -> cuMemAlloc_v2), as from the real driver; hand out ours. */
 CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, uint64_t flags,
                              int *status) {
     (void)version;
@@ -334,7 +391,10 @@ CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, uint64
     if (dladdr((void *)cuInit, &self)) {
         void *handle = dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD);
         if (handle) {
-            found = dlsym(handle, symbol);
+            char versioned[128];
+            snprintf(versioned, sizeof versioned, "%s_v2", symbol);
+            found = dlsym(handle, versioned);
+            if (!found) found = dlsym(handle, symbol);
             dlclose(handle);
         }
     }

@@ -50,6 +50,20 @@ def library() -> Path:
     return built
 
 
+def library_dir() -> Path:
+    """A folder holding the stand-in as libcuda.so.1, for LD_LIBRARY_PATH: a child
+    started with it gets the stand-in from cuda-bindings' own dlopen."""
+    built = library()
+    folder = built.parent / f"dir-{built.stem}"
+    link = folder / "libcuda.so.1"
+    if not link.exists():
+        folder.mkdir(exist_ok=True)
+        partial = folder / f".libcuda.so.1.{os.getpid()}"
+        partial.symlink_to(built)
+        partial.rename(link)
+    return folder
+
+
 class FakeDriver:
     """The stand-in's control functions, as a scenario sees them."""
 
