@@ -12,7 +12,13 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from kybernate.cuda import CudaCoordinator, find_cuda_pids, load_backend, report_to_json
+from kybernate.cuda import (
+    CudaBackend,
+    CudaCoordinator,
+    find_cuda_pids,
+    load_backend,
+    report_to_json,
+)
 from kybernate.cuda.backend import gpu_uuid_bytes
 from kybernate.errors import InvalidArgument
 from kybernate.runtime.cgroups import Cgroup
@@ -21,8 +27,12 @@ from kybernate.runtime.cgroups import Cgroup
 class GpuControl:
     """Owns the CUDA backend and coordinator for the agent's lifetime."""
 
-    def __init__(self, backend_name: str, fake_dir: str | None) -> None:
-        self.backend = load_backend(backend_name, fake_dir=fake_dir)
+    def __init__(self, backend_name: str, fake_dir: str | None, *,
+                 backend: CudaBackend | None = None) -> None:
+        """The backend called `backend_name`, or `backend` itself where one is given
+        (benchmarks and GPU tests that built it already)."""
+        self.backend = backend if backend is not None else load_backend(backend_name,
+                                                                        fake_dir=fake_dir)
         self.coordinator = CudaCoordinator(self.backend)
 
     @property

@@ -19,6 +19,11 @@ must not):
                 restore of it could at best reach
     exit        leaves
 
+With --control DIR (a process inside a container, whose stdio nobody holds) the same
+answers go to DIR/ready.json and DIR/reply.json, and commands come as DIR/command files,
+looked for every 50 ms; sleeping between looks makes no CUDA call either, and files
+survive a CRIU checkpoint and restore where pipes to the outside would not.
+
 The checksum is a CRC-32 over the CRC-32 of each chunk read back from the GPU (chunks
 are summed on a thread pool while the next one is copied); `expected` is the same
 computed from the host bytes uploaded, and `intact` says they agree chunk by chunk.
@@ -37,6 +42,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self
 
@@ -179,34 +185,73 @@ def checksum(crcs: list[int]) -> int:
     return zlib.crc32(b"".join(c.to_bytes(4, "little") for c in crcs))
 
 
-def serve(size: int, seed: int, device: str | None, source: str | None) -> int:
+def serve(size: int, seed: int, device: str | None, source: str | None,
+          control: str | None = None) -> int:
+    channel = FileChannel(control) if control else StdioChannel()
     buffer = GpuBuffer(size, device)
     started = time.monotonic()
     expected = buffer.fill(seed, source)
     fill_s = time.monotonic() - started
     started = time.monotonic()
     found = buffer.read_crcs()
-    reply({"ready": True, "pid": os.getpid(), "bytes": size, "device": buffer.device_name,
-           "device_uuid": buffer.device_uuid, "device_pointer": buffer.pointer,
-           "checksum": checksum(found),
-           "expected": checksum(expected), "intact": found == expected,
-           "timings_s": {"init": round(buffer.init_s, 6), "alloc": round(buffer.alloc_s, 6),
-                         "fill": round(fill_s, 6), "check": round(time.monotonic() - started, 6)}})
-    for line in sys.stdin:
-        command = line.strip()
+    channel.reply({
+        "ready": True, "pid": os.getpid(), "bytes": size, "device": buffer.device_name,
+        "device_uuid": buffer.device_uuid, "device_pointer": buffer.pointer,
+        "checksum": checksum(found), "expected": checksum(expected), "intact": found == expected,
+        "timings_s": {"init": round(buffer.init_s, 6), "alloc": round(buffer.alloc_s, 6),
+                      "fill": round(fill_s, 6), "check": round(time.monotonic() - started, 6)}})
+    for command in channel.commands():
         if command == "check":
             started = time.monotonic()
             found = buffer.read_crcs()
-            reply({"checksum": checksum(found), "intact": found == expected,
-                   "bad_chunks": [i for i, (a, b) in enumerate(zip(found, expected)) if a != b][:16],
-                   "seconds": round(time.monotonic() - started, 6)})
+            channel.reply({
+                "checksum": checksum(found), "intact": found == expected,
+                "bad_chunks": [i for i, (a, b) in enumerate(zip(found, expected)) if a != b][:16],
+                "seconds": round(time.monotonic() - started, 6)})
         elif command == "bandwidth":
-            reply(buffer.bandwidth())
+            channel.reply(buffer.bandwidth())
         elif command == "exit":
             return 0
         else:
-            reply({"error": f"unknown command {command!r}"})
+            channel.reply({"error": f"unknown command {command!r}"})
     return 0
+
+
+class StdioChannel:
+    def commands(self) -> Iterator[str]:
+        for line in sys.stdin:
+            yield line.strip()
+
+    def reply(self, message: dict[str, Any]) -> None:
+        reply(message)
+
+
+class FileChannel:
+    """Commands as DIR/command files, answers as DIR/ready.json then DIR/reply.json."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.first = True
+
+    def commands(self) -> Iterator[str]:
+        path = os.path.join(self.directory, "command")
+        while True:
+            try:
+                with open(path) as f:
+                    command = f.read().strip()
+            except FileNotFoundError:
+                time.sleep(0.05)
+                continue
+            os.unlink(path)
+            yield command
+
+    def reply(self, message: dict[str, Any]) -> None:
+        name = "ready.json" if self.first else "reply.json"
+        self.first = False
+        partial = os.path.join(self.directory, f".{name}")
+        with open(partial, "w") as f:
+            json.dump(message, f)
+        os.replace(partial, os.path.join(self.directory, name))
 
 
 def reply(message: dict[str, Any]) -> None:
@@ -277,13 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", help="GPU UUID or CUDA ordinal (default: the first)")
     parser.add_argument("--source", help="file whose bytes to load instead of the pattern")
+    parser.add_argument("--control", help="talk through files in this folder, not stdio")
     args = parser.parse_args(argv)
     if args.bytes <= 0:
         parser.error("--bytes must be positive")
     try:
-        return serve(args.bytes, args.seed, args.device, args.source)
-    except DriverError as err:
-        reply({"error": str(err)})
+        return serve(args.bytes, args.seed, args.device, args.source, args.control)
+    except Exception as err:  # noqa: BLE001 - whoever waits for an answer gets this one
+        (FileChannel(args.control) if args.control else StdioChannel()).reply(
+            {"error": f"{type(err).__name__}: {err}"})
         return 1
 
 

@@ -294,10 +294,14 @@ class DriverApiBackend:
         return gpus
 
     def driver_version(self) -> str:
-        """The kernel driver's version as NVML reports it, e.g. "580.65.06"."""
-        nvml = self._nvml_module()
-        with self._nvml_errors("driver version"):
-            return _text(nvml.nvmlSystemGetDriverVersion())
+        """The kernel driver's version as NVML reports it, e.g. "580.65.06"; the CUDA
+        driver API version where NVML cannot say (metadata, not a reason to fail)."""
+        try:
+            nvml = self._nvml_module()
+            with self._nvml_errors("driver version"):
+                return _text(nvml.nvmlSystemGetDriverVersion())
+        except (FailedPrecondition, CudaError) as err:
+            return f"CUDA driver API {self.support.driver_api} (NVML: {err})"
 
     def process_gpu_memory(self, pid: int) -> dict[str, int]:
         validate_pid(pid)
