@@ -206,8 +206,16 @@ class CudaCoordinator:
         order = _unique(pids)
         gpus = await self._call(self.backend.gpus)
         usage = await self._memory(order)
-        covered = await asyncio.gather(
-            *(self._call(self.backend.process_gpus, pid) for pid in order))
+        found = await asyncio.gather(
+            *(self._call(self.backend.process_gpus, pid) for pid in order), return_exceptions=True)
+        covered: list[set[str]] = []
+        for pid, gpus_of_pid in zip(order, found):
+            if isinstance(gpus_of_pid, BaseException):
+                # The record then names the GPUs with memory only; a restore that has to
+                # move them may be refused by the driver for want of the others.
+                log.warning("GPUs of CUDA process %d unknown: %s", pid, gpus_of_pid)
+                continue
+            covered.append(gpus_of_pid)
         held: dict[str, int] = {}
         for used in usage.values():
             for uuid, size in used.items():

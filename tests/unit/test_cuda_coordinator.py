@@ -247,3 +247,20 @@ def test_placement_moves_a_fitting_gpu_only_when_another_needs_its_place() -> No
     gone = "GPU-99999999-0000-4000-8000-000000000000"
     assert plan_gpu_placement({gone: GIB, GPU_B: 0}, dict.fromkeys([gone, GPU_B], "H100"),
                               gpus) == {gone: GPU_A, GPU_B: GPU_B}
+
+
+def test_inventory_falls_back_to_memory_when_a_backend_cannot_name_the_gpus(
+        backend: FakeBackend, spawn: Spawn) -> None:
+    class Blind(FakeBackend):
+        def process_gpus(self, pid: int) -> set[str]:
+            raise CudaError("nvidia-smi failed", pid=pid)
+
+    write_gpus(backend, (GPU_A, "Fake H100", 8 * GIB), (GPU_B, "Fake H100", 8 * GIB))
+    pid = spawn(memory=GIB, gpu=GPU_A).pid
+    blind = Blind(backend.state_dir)
+    inventory = run(CudaCoordinator(blind).snapshot_inventory([pid]))
+    assert [(g["uuid"], g["memory_used_by_container"]) for g in inventory["gpus"]] == [(GPU_A, GIB)]
+    # Where the backend can tell, both GPUs the process sees are recorded.
+    inventory = run(CudaCoordinator(backend).snapshot_inventory([pid]))
+    assert [(g["uuid"], g["memory_used_by_container"]) for g in inventory["gpus"]] == \
+        [(GPU_A, GIB), (GPU_B, 0)]
