@@ -12,15 +12,28 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from kybernate.cuda import CudaCoordinator, CudaState, find_cuda_pids, load_backend, report_to_json
+from kybernate.cuda import (
+    CudaBackend,
+    CudaCoordinator,
+    CudaState,
+    find_cuda_pids,
+    load_backend,
+    report_to_json,
+)
+from kybernate.cuda.backend import gpu_uuid_bytes
+from kybernate.errors import InvalidArgument
 from kybernate.runtime.cgroups import Cgroup
 
 
 class GpuControl:
     """Owns the CUDA backend and coordinator for the agent's lifetime."""
 
-    def __init__(self, backend_name: str, fake_dir: str | None) -> None:
-        self.backend = load_backend(backend_name, fake_dir=fake_dir)
+    def __init__(self, backend_name: str, fake_dir: str | None, *,
+                 backend: CudaBackend | None = None) -> None:
+        """The backend called `backend_name`, or `backend` itself where one is given
+        (benchmarks and GPU tests that built it already)."""
+        self.backend = backend if backend is not None else load_backend(backend_name,
+                                                                        fake_dir=fake_dir)
         self.coordinator = CudaCoordinator(self.backend)
 
     @property
@@ -72,11 +85,38 @@ class GpuControl:
         return str(version or "")
 
     async def restore_fit(self, metadata: Mapping[str, Any]) -> dict[str, str]:
-        """GPU map for restoring a checkpoint on this node; ResourceExhausted naming
-        need and free memory per GPU when it does not fit."""
-        gpus = metadata.get("cuda", {}).get("gpus", [])
-        required = {g["uuid"]: int(g.get("memory_used_by_container", 0)) for g in gpus}
-        models = {g["uuid"]: str(g["model"]) for g in gpus}
+        """GPU map for restoring a checkpoint on this node: empty when every checkpointed
+        GPU is here with room (the driver restores in place), else one entry for every
+        GPU the checkpoint covers (the driver refuses a partial map). ResourceExhausted
+        naming need and free memory per GPU when it does not fit."""
+        required, models = checkpointed_gpus(metadata)
         if not required:
             return {}
         return await asyncio.to_thread(self.coordinator.check_restore_fit, required, models)
+
+
+def checkpointed_gpus(metadata: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, str]]:
+    """The checkpoint's GPUs (UUID -> bytes the container held there, UUID -> model) from
+    metadata.json, which may come from a bucket: every field is checked first."""
+    cuda = metadata.get("cuda", {})
+    gpus = cuda.get("gpus", []) if isinstance(cuda, Mapping) else None
+    if not isinstance(gpus, list):
+        raise InvalidArgument("checkpoint metadata: cuda.gpus is not a list")
+    required: dict[str, int] = {}
+    models: dict[str, str] = {}
+    for entry in gpus:
+        if not isinstance(entry, Mapping):
+            raise InvalidArgument(f"checkpoint metadata: a GPU entry is not an object: {entry!r}")
+        uuid, model = entry.get("uuid"), entry.get("model")
+        used = entry.get("memory_used_by_container", 0)
+        if not isinstance(uuid, str):
+            raise InvalidArgument(f"checkpoint metadata: GPU uuid {uuid!r} is not a string")
+        gpu_uuid_bytes(uuid)  # InvalidArgument unless it is one
+        if not isinstance(model, str) or not model or len(model) > 256:
+            raise InvalidArgument(f"checkpoint metadata: GPU {uuid} has no usable model: {model!r}")
+        if isinstance(used, bool) or not isinstance(used, int) or not 0 <= used < 1 << 50:
+            raise InvalidArgument(f"checkpoint metadata: GPU {uuid} memory {used!r} is not bytes")
+        if uuid in required:
+            raise InvalidArgument(f"checkpoint metadata: GPU {uuid} is listed twice")
+        required[uuid], models[uuid] = used, model
+    return required, models

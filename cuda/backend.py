@@ -19,12 +19,15 @@ from kybernate.errors import DeadlineExceeded, Internal, InvalidArgument
 
 
 class CudaState(enum.IntEnum):
-    """CUprocessState; the values are the driver's."""
+    """CUprocessState; the values are the driver's. CHECKPOINTING and RESTORING are the
+    transient states drivers of CUDA 13.4 and later report while a step is under way."""
 
     RUNNING = 0
     LOCKED = 1
     CHECKPOINTED = 2
     FAILED = 3
+    CHECKPOINTING = 4
+    RESTORING = 5
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,11 @@ class CudaBackend(Protocol):
 
     def process_gpu_memory(self, pid: int) -> dict[str, int]: ...
 
+    def process_gpus(self, pid: int) -> set[str]:
+        """UUIDs of every GPU the process's CUDA state covers: the ones a checkpoint
+        records and a restore's GPU map must name, memory held there or not."""
+        ...
+
 
 _UUID_HEX = re.compile(r"^[0-9a-fA-F]{32}$")
 
@@ -119,6 +127,26 @@ def gpu_uuid_text(raw: bytes) -> str:
         raise InvalidArgument(f"a GPU UUID has 16 bytes, got {len(raw)}")
     h = raw.hex()
     return f"GPU-{h[0:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def is_identity_map(gpu_map: Mapping[str, str] | None) -> bool:
+    """True when a GPU map moves nothing (or is absent): a restore then needs no map."""
+    return not gpu_map or all(
+        gpu_uuid_bytes(old) == gpu_uuid_bytes(new) for old, new in gpu_map.items())
+
+
+def validate_gpu_map(gpu_map: Mapping[str, str]) -> dict[str, str]:
+    """The map with its UUIDs checked; refuses two checkpointed GPUs sent onto one."""
+    targets: dict[bytes, str] = {}
+    for old, new in gpu_map.items():
+        gpu_uuid_bytes(old)
+        raw = gpu_uuid_bytes(new)
+        if raw in targets:
+            raise InvalidArgument(
+                f"GPU map sends two GPUs onto one ({targets[raw]} and {old} onto {new}): "
+                f"{dict(gpu_map)}")
+        targets[raw] = old
+    return dict(gpu_map)
 
 
 def validate_timeout_ms(timeout_ms: int) -> int:

@@ -200,14 +200,27 @@ class CudaCoordinator:
         return {pid: used for pid, used in zip(pids, usage) if isinstance(used, dict)}
 
     async def snapshot_inventory(self, pids: Iterable[int]) -> dict[str, Any]:
-        """Per GPU: index, uuid, model, total memory and the bytes these pids hold on it."""
+        """Per checkpointed GPU: index, uuid, model, total memory and the bytes these pids
+        hold on it. A GPU counts as checkpointed when any pid's CUDA state covers it,
+        memory there or not: a restore that moves anything must name every one."""
         order = _unique(pids)
         gpus = await self._call(self.backend.gpus)
         usage = await self._memory(order)
+        found = await asyncio.gather(
+            *(self._call(self.backend.process_gpus, pid) for pid in order), return_exceptions=True)
+        covered: list[set[str]] = []
+        for pid, gpus_of_pid in zip(order, found):
+            if isinstance(gpus_of_pid, BaseException):
+                # The record then names the GPUs with memory only; a restore that has to
+                # move them may be refused by the driver for want of the others.
+                log.warning("GPUs of CUDA process %d unknown: %s", pid, gpus_of_pid)
+                continue
+            covered.append(gpus_of_pid)
         held: dict[str, int] = {}
         for used in usage.values():
             for uuid, size in used.items():
                 held[uuid] = held.get(uuid, 0) + size
+        checkpointed = set(held).union(*covered)
         return {
             "backend": self.backend.name,
             "gpus": [
@@ -218,51 +231,75 @@ class CudaCoordinator:
                     "memory_total": gpu.memory_total,
                     "memory_used_by_container": held.get(gpu.uuid, 0),
                 }
-                for gpu in gpus if gpu.uuid in held
+                for gpu in gpus if gpu.uuid in checkpointed
             ],
             "processes": {str(pid): usage.get(pid, {}) for pid in order},
         }
 
     def check_restore_fit(self, required: Mapping[str, int],
                           models: Mapping[str, str]) -> dict[str, str]:
-        """Target GPUs for a restore: checkpointed GPU UUID -> a GPU of this node of the
-        same model with enough free memory. The same UUID is kept where it fits; no two
-        checkpointed GPUs share a target. Blocking (queries the backend)."""
-        return plan_gpu_placement(required, models, self.backend.gpus())
+        """The GPU map for a restore: empty when every checkpointed GPU is here under its
+        own UUID with the memory it needs (the driver then needs no map), else one entry
+        for every checkpointed GPU (the driver refuses a map that leaves one out), each
+        onto a GPU of this node of the same model with enough free memory, no two onto
+        one. Blocking (queries the backend)."""
+        plan = plan_gpu_placement(required, models, self.backend.gpus())
+        return {} if all(old == new for old, new in plan.items()) else plan
 
 
 def plan_gpu_placement(required: Mapping[str, int], models: Mapping[str, str],
                        gpus: Sequence[GpuInfo]) -> dict[str, str]:
-    """See CudaCoordinator.check_restore_fit."""
+    """See CudaCoordinator.check_restore_fit: a target for every checkpointed GPU.
+
+    A matching between checkpointed GPUs and this node's GPUs (same model, free memory
+    at least the need; one checkpointed GPU per target), built by augmenting paths from
+    the identity: each GPU tries its own UUID first, then a free GPU with the most room,
+    and takes another's target only where that one can move on. Largest first."""
     missing = [uuid for uuid in required if uuid not in models]
     if missing:
         raise InvalidArgument(f"checkpoint names no GPU model for {', '.join(missing)}")
-    by_uuid = {gpu.uuid: gpu for gpu in gpus}
-    taken: set[str] = set()
-    plan: dict[str, str] = {}
-    # Largest first, so a big checkpointed GPU is not crowded out by a small one.
-    for old in sorted(required, key=lambda u: (-required[u], u)):
+
+    def candidates(old: str) -> list[GpuInfo]:
+        fitting = [gpu for gpu in gpus
+                   if gpu.model == models[old] and gpu.memory_free >= required[old]]
+        return sorted(fitting, key=lambda gpu: (gpu.uuid != old, -gpu.memory_free, gpu.index))
+
+    holder: dict[str, str] = {}  # target UUID -> checkpointed UUID placed there
+
+    def place(old: str, visited: set[str]) -> bool:
+        options = candidates(old)
+        free = next((gpu for gpu in options if gpu.uuid not in holder), None)
+        if free is not None:
+            holder[free.uuid] = old
+            return True
+        for gpu in options:  # all taken: move a holder on, if it can go elsewhere
+            if gpu.uuid not in visited:
+                visited.add(gpu.uuid)
+                if place(holder[gpu.uuid], visited):
+                    holder[gpu.uuid] = old
+                    return True
+        return False
+
+    order = sorted(required, key=lambda u: (-required[u], u))
+    for old in order:  # own UUIDs first, so that no move displaces a GPU that fits
+        if any(gpu.uuid == old for gpu in candidates(old)) and old not in holder:
+            holder[old] = old
+    for old in order:
+        if old in holder.values() or place(old, set()):
+            continue
         need, model = required[old], models[old]
-        same_model = [gpu for gpu in gpus if gpu.model == model and gpu.uuid not in taken]
+        same_model = [gpu for gpu in gpus if gpu.model == model]
         if not same_model:
-            if any(gpu.model == model for gpu in gpus):
-                raise ResourceExhausted(
-                    f"every {model} GPU of this node is already taken by this restore "
-                    f"(checkpointed GPU {old})")
             raise FailedPrecondition(
                 f"no {model} GPU on this node (needed for checkpointed GPU {old})")
-        own = by_uuid.get(old)
-        if own is not None and own in same_model and own.memory_free >= need:
-            choice = own
-        else:
-            choice = max(same_model, key=lambda gpu: (gpu.memory_free, -gpu.index))
-            if choice.memory_free < need:
-                raise ResourceExhausted(
-                    f"not enough GPU memory on GPU {choice.uuid}: "
-                    f"need {need}, free {choice.memory_free}")
-        taken.add(choice.uuid)
-        plan[old] = choice.uuid
-    return plan
+        roomiest = max(same_model, key=lambda gpu: (gpu.memory_free, -gpu.index))
+        if roomiest.memory_free < need:
+            raise ResourceExhausted(f"not enough GPU memory on GPU {roomiest.uuid}: "
+                                    f"need {need}, free {roomiest.memory_free}")
+        raise ResourceExhausted(f"every {model} GPU of this node with room for {need} bytes "
+                                f"is already taken by this restore (checkpointed GPU {old})")
+    placed = {old: new for new, old in holder.items()}
+    return {old: placed[old] for old in required}
 
 
 def _unique(pids: Iterable[int]) -> list[int]:

@@ -7,7 +7,14 @@ its pitfalls, shared through files so that the agent (which drives it) and the t
   environment does not, just as the real driver state travels inside the images.
 - A process becomes known to the fake the first time a call names it; from then on
   it holds KYBERNATE_FAKE_CUDA_MEM bytes (default 256 MiB) on the GPU named by
-  KYBERNATE_FAKE_CUDA_GPU (default: the first GPU) until it is checkpointed.
+  KYBERNATE_FAKE_CUDA_GPU (default: the first GPU) until it is checkpointed. Its CUDA
+  state covers every GPU it can see, as the driver's does: those listed (comma
+  separated) in KYBERNATE_FAKE_CUDA_VISIBLE, else every GPU of the fake inventory.
+- A restore follows the driver's rules for GPU pairs: a map that moves nothing is no
+  map; otherwise it must name every checkpointed GPU (CUDA_ERROR_INVALID_VALUE), send
+  each onto a present GPU of the same model (CUDA_ERROR_INVALID_VALUE) with room
+  (CUDA_ERROR_OUT_OF_MEMORY). Without a map every checkpointed GPU must be present
+  under its own UUID (CUDA_ERROR_INVALID_DEVICE).
 - Locking a process whose cgroup is frozen waits out the timeout and raises
   CudaLockTimeout, as the real driver does: a frozen process cannot reach the point
   where it yields its CUDA lock. The other calls on a frozen process fail at once
@@ -40,6 +47,8 @@ from kybernate.cuda.backend import (
     CudaLockTimeout,
     CudaState,
     GpuInfo,
+    is_identity_map,
+    validate_gpu_map,
     validate_pid,
     validate_timeout_ms,
 )
@@ -48,6 +57,7 @@ from kybernate.errors import InvalidArgument
 ENV_TOKEN = "KYBERNATE_FAKE_CUDA"
 ENV_MEMORY = "KYBERNATE_FAKE_CUDA_MEM"
 ENV_GPU = "KYBERNATE_FAKE_CUDA_GPU"
+ENV_VISIBLE = "KYBERNATE_FAKE_CUDA_VISIBLE"
 ENV_STATE_DIR = "KYBERNATE_FAKE_CUDA_DIR"
 DEFAULT_STATE_DIR = "/run/kybernate-fake-cuda"
 DEFAULT_PROCESS_MEMORY = 256 << 20
@@ -74,6 +84,7 @@ class _ProcessRecord:
     state: CudaState = CudaState.RUNNING
     device_memory: dict[str, int] = field(default_factory=dict)  # GPU UUID -> bytes on it
     host_memory: dict[str, int] = field(default_factory=dict)  # checkpointed, per source GPU
+    gpus: dict[str, str] = field(default_factory=dict)  # every GPU its state covers -> model
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +93,7 @@ class _ProcessRecord:
             "state": self.state.name,
             "device_memory": self.device_memory,
             "host_memory": self.host_memory,
+            "gpus": self.gpus,
         }
 
     @classmethod
@@ -92,6 +104,7 @@ class _ProcessRecord:
             state=CudaState[data["state"]],
             device_memory={str(k): int(v) for k, v in data.get("device_memory", {}).items()},
             host_memory={str(k): int(v) for k, v in data.get("host_memory", {}).items()},
+            gpus={str(k): str(v) for k, v in data.get("gpus", {}).items()},
         )
 
 
@@ -183,6 +196,14 @@ class FakeBackend:
             record = self._load(token, pid)
             return dict(record.device_memory) if _holds_device(record.state) else {}
 
+    def process_gpus(self, pid: int) -> set[str]:
+        """Like the driver's device files: held while RUNNING or LOCKED, closed once
+        checkpointed."""
+        token = self._require_token(pid)
+        with self._exclusive():
+            record = self._load(token, pid)
+            return set(record.gpus) if _holds_device(record.state) else set()
+
     # -- inspection helpers for tests ------------------------------------------------
 
     def events(self) -> list[dict[str, Any]]:
@@ -260,11 +281,17 @@ class FakeBackend:
             memory = int(raw_memory)
         except ValueError:
             raise InvalidArgument(f"pid {pid}: {ENV_MEMORY}={raw_memory!r} is not bytes") from None
-        inventory = self._inventory()
-        gpu = env.get(ENV_GPU) or (inventory[0].uuid if inventory else "")
-        if gpu not in {g.uuid for g in inventory}:
+        inventory = {g.uuid: g.model for g in self._inventory()}
+        gpu = env.get(ENV_GPU) or next(iter(inventory), "")
+        if gpu not in inventory:
             raise InvalidArgument(f"pid {pid}: {ENV_GPU}={gpu!r} is not a fake GPU")
-        return _ProcessRecord(token=token, pid=pid, device_memory={gpu: memory})
+        visible = [u.strip() for u in env.get(ENV_VISIBLE, "").split(",") if u.strip()]
+        unknown = [u for u in visible if u not in inventory]
+        if unknown:
+            raise InvalidArgument(f"pid {pid}: {ENV_VISIBLE} names GPUs the fake lacks: {unknown}")
+        seen = {u: inventory[u] for u in (visible or inventory)}
+        seen.setdefault(gpu, inventory[gpu])
+        return _ProcessRecord(token=token, pid=pid, device_memory={gpu: memory}, gpus=seen)
 
     def _save(self, record: _ProcessRecord) -> None:
         _write_atomically(self._record_path(record.token), json.dumps(record.to_json()))
@@ -342,25 +369,40 @@ class FakeBackend:
 
     def _placement(self, record: _ProcessRecord,
                    gpu_map: Mapping[str, str] | None) -> dict[str, int]:
-        """Where the checkpointed memory goes on restore; fails as the driver would."""
+        """Where the checkpointed memory goes on restore, and where each checkpointed GPU
+        lands (record.gpus is updated); fails as the driver would (module docstring)."""
         pid = record.pid
+        inventory = {gpu.uuid: gpu for gpu in self._inventory()}
+        covered = dict(record.gpus) or {uuid: "" for uuid in record.host_memory}
+        if gpu_map and not is_identity_map(validate_gpu_map(gpu_map)):
+            if set(gpu_map) != set(covered):
+                raise CudaError(
+                    f"GPU map must name every checkpointed GPU ({sorted(covered)}), "
+                    f"it names {sorted(gpu_map)}", pid=pid, error_name="CUDA_ERROR_INVALID_VALUE")
+            for old, new in gpu_map.items():
+                target = inventory.get(new)
+                if target is None or (covered[old] and target.model != covered[old]):
+                    found = "not present" if target is None else f"a {target.model}"
+                    raise CudaError(f"GPU {new} for checkpointed GPU {old} ({covered[old]}) is "
+                                    f"{found}", pid=pid, error_name="CUDA_ERROR_INVALID_VALUE")
+            moves = dict(gpu_map)
+        else:
+            absent = [uuid for uuid in covered if uuid not in inventory]
+            if absent:
+                raise CudaError(f"GPU {absent[0]} is not present and no GPU map was given",
+                                pid=pid, error_name="CUDA_ERROR_INVALID_DEVICE")
+            moves = {uuid: uuid for uuid in covered}
         placement: dict[str, int] = {}
         for old, size in record.host_memory.items():
-            if gpu_map is not None and old not in gpu_map:
-                raise CudaError(f"GPU map has no pair for checkpointed GPU {old}", pid=pid,
-                                error_name="CUDA_ERROR_INVALID_VALUE")
-            new = gpu_map[old] if gpu_map is not None else old
+            new = moves.get(old, old)
             placement[new] = placement.get(new, 0) + size
-        inventory = {gpu.uuid: gpu for gpu in self._inventory()}
         for uuid, need in placement.items():
-            gpu = inventory.get(uuid)
-            if gpu is None:
-                raise CudaError(f"GPU {uuid} is not present", pid=pid,
-                                error_name="CUDA_ERROR_INVALID_DEVICE")
+            gpu = inventory[uuid]
             if need > gpu.memory_free:
                 raise CudaError(
                     f"not enough GPU memory on GPU {uuid}: need {need}, free {gpu.memory_free}",
                     pid=pid, error_name="CUDA_ERROR_OUT_OF_MEMORY")
+        record.gpus = {moves[old]: inventory[moves[old]].model for old in covered}
         return placement
 
     def _log(self, action: str, pid: int, token: str, before: CudaState, after: CudaState,

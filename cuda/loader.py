@@ -44,6 +44,9 @@ class NoGpuBackend:
     def process_gpu_memory(self, pid: int) -> dict[str, int]:
         return {}
 
+    def process_gpus(self, pid: int) -> set[str]:
+        return set()
+
     def driver_version(self) -> str:
         return ""
 

@@ -4,6 +4,7 @@ files, run state and whether its cgroup is frozen."""
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import dataclass
 
@@ -12,6 +13,11 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 
 # Character devices a CUDA process holds open: per-GPU nodes, the control node, UVM.
 _NVIDIA_DEVICE_PREFIX = "/dev/nvidia"
+# The NVIDIA kernel driver's character major: /dev/nvidiaN is minor N; 254 and 255 are
+# nvidia-modeset and nvidiactl, which belong to no GPU.
+NVIDIA_MAJOR = 195
+_NVIDIA_GPU_MINORS = range(254)
+NVIDIA_PROC_GPUS = "/proc/driver/nvidia/gpus"
 
 
 def read_environ(pid: int, *, exec_grace: float = 1.0) -> dict[str, str] | None:
@@ -77,6 +83,49 @@ def holds_nvidia_device(pid: int) -> bool:
         if target.startswith(_NVIDIA_DEVICE_PREFIX):
             return True
     return False
+
+
+def held_gpu_minors(pid: int) -> set[int]:
+    """Minor numbers of the /dev/nvidiaN GPU nodes the process holds open. The driver
+    opens one for every GPU it can see, and a checkpoint covers exactly those; the
+    device number is read through the fd, so names inside a container do not matter."""
+    fd_dir = f"{PROC}/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return set()
+    minors = set()
+    for fd in fds:
+        try:
+            info = os.stat(f"{fd_dir}/{fd}")
+        except OSError:  # closed meanwhile, or not ours to see
+            continue
+        if stat.S_ISCHR(info.st_mode) and os.major(info.st_rdev) == NVIDIA_MAJOR:
+            minor = os.minor(info.st_rdev)
+            if minor in _NVIDIA_GPU_MINORS:
+                minors.add(minor)
+    return minors
+
+
+def gpu_uuids_by_minor(root: str = NVIDIA_PROC_GPUS) -> dict[int, str]:
+    """Device minor -> GPU UUID from the kernel driver's per-GPU `information` files
+    ("Device Minor: N", "GPU UUID: GPU-..."); empty where there is no driver."""
+    try:
+        entries = os.listdir(root)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return {}
+    found: dict[int, str] = {}
+    for entry in entries:
+        try:
+            with open(f"{root}/{entry}/information") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        minor = fields.get("Device Minor", "").strip()
+        uuid = fields.get("GPU UUID", "").strip()
+        if minor.isdigit() and uuid.startswith("GPU-"):
+            found[int(minor)] = uuid
+    return found
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,18 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 
+from kybernate.cuda import procfs
 from kybernate.cuda.backend import (
     CudaError,
     CudaLockTimeout,
     CudaState,
     GpuInfo,
-    gpu_uuid_bytes,
+    is_identity_map,
+    validate_gpu_map,
     validate_pid,
     validate_timeout_ms,
 )
-from kybernate.errors import FailedPrecondition, InvalidArgument
+from kybernate.errors import FailedPrecondition
 
 _STATE_WORD = re.compile(r"\b(running|locked|checkpointed|failed)\b", re.IGNORECASE)
 _TIMEOUT_WORDS = re.compile(r"time(d)?[ -]?out|CUDA_ERROR_TIMEOUT", re.IGNORECASE)
@@ -88,7 +90,7 @@ class CheckpointToolBackend:
     def restore(self, pid: int, gpu_map: Mapping[str, str] | None = None) -> None:
         validate_pid(pid)
         argv = ["--action", "restore", "--pid", str(pid)]
-        if gpu_map:
+        if gpu_map and not is_identity_map(validate_gpu_map(gpu_map)):
             argv += ["--device-map", device_map_argument(gpu_map)]
         self._run(argv, pid, "restore")
 
@@ -131,6 +133,14 @@ class CheckpointToolBackend:
                 usage[row[1]] = usage.get(row[1], 0) + _mib(row[2])
         return usage
 
+    def process_gpus(self, pid: int) -> set[str]:
+        """GPUs whose device nodes the process holds (minor -> UUID from the kernel
+        driver's /proc files), and any where nvidia-smi shows it using memory."""
+        validate_pid(pid)
+        minors = procfs.held_gpu_minors(pid)
+        by_minor = procfs.gpu_uuids_by_minor() if minors else {}
+        return {by_minor[m] for m in minors if m in by_minor} | set(self.process_gpu_memory(pid))
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _run(self, args: Sequence[str], pid: int, what: str,
@@ -161,15 +171,9 @@ class CheckpointToolBackend:
 
 
 def device_map_argument(gpu_map: Mapping[str, str]) -> str:
-    """`--device-map` value: OLD=NEW pairs joined by commas, UUIDs checked first."""
-    pairs = []
-    for old, new in gpu_map.items():
-        gpu_uuid_bytes(old)
-        gpu_uuid_bytes(new)
-        pairs.append(f"{old}={new}")
-    if len(set(gpu_map.values())) != len(gpu_map):
-        raise InvalidArgument(f"GPU map sends two GPUs onto one: {dict(gpu_map)}")
-    return ",".join(pairs)
+    """`--device-map` value: OLD=NEW pairs joined by commas, UUIDs checked first. Like
+    the driver's pairs, it must name every checkpointed GPU."""
+    return ",".join(f"{old}={new}" for old, new in validate_gpu_map(gpu_map).items())
 
 
 def _mib(text: str) -> int:

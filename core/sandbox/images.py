@@ -92,11 +92,15 @@ class _Layout:
 
 
 def build_oci_archive(out: Path, ref: str = BUSYBOX_IMAGE_REF,
-                      extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write an OCI image layout tar for a busybox image named `ref` to `out`."""
-    with tempfile.TemporaryDirectory(prefix="kyb-img-") as scratch:
-        rootfs = make_rootfs(Path(scratch) / "rootfs", extra_files)
+                      extra_files: dict[str, bytes] | None = None,
+                      rootfs: Path | None = None) -> Path:
+    """Write an OCI image layout tar for a busybox image named `ref` to `out`, or for
+    an image of the ready `rootfs` folder where one is given (no busybox needed)."""
+    if rootfs is not None:
         layer = layer_tar(rootfs)
+    else:
+        with tempfile.TemporaryDirectory(prefix="kyb-img-") as scratch:
+            layer = layer_tar(make_rootfs(Path(scratch) / "rootfs", extra_files))
     layout = _Layout()
     layer_desc = layout.add(LAYER_MEDIA_TYPE, layer)
     config = {

@@ -180,16 +180,35 @@ def test_restore_onto_another_gpu_through_the_planned_map(
     pid = spawn(memory=5 * GIB, gpu=GPU_A).pid
     coordinator = CudaCoordinator(backend)
     run(coordinator.lock_all([pid], 1000))
+    # The process sees both GPUs: the checkpoint covers both, memory on one.
+    inventory = run(coordinator.snapshot_inventory([pid]))
+    required = {g["uuid"]: g["memory_used_by_container"] for g in inventory["gpus"]}
+    models = {g["uuid"]: g["model"] for g in inventory["gpus"]}
+    assert required == {GPU_A: 5 * GIB, GPU_B: 0}
     run(coordinator.checkpoint_all([pid]))
+    assert coordinator.check_restore_fit(required, models) == {}  # nothing has to move
     hog = spawn(memory=4 * GIB, gpu=GPU_A)
     backend.is_cuda_process(hog.pid)
 
-    plan = coordinator.check_restore_fit({GPU_A: 5 * GIB}, {GPU_A: "Fake H100"})
-    assert plan == {GPU_A: GPU_B}
+    plan = coordinator.check_restore_fit(required, models)
+    assert plan == {GPU_A: GPU_B, GPU_B: GPU_A}  # the empty GPU takes the crowded one's place
     restored = run(coordinator.restore_all([pid], plan))
     assert restored[pid].gpu_memory == {GPU_B: 5 * GIB}
     run(coordinator.unlock_all([pid]))
     assert free_memory(backend, GPU_B) == 3 * GIB
+
+
+def test_an_incomplete_map_is_refused_as_the_driver_would(
+        backend: FakeBackend, spawn: Spawn) -> None:
+    write_gpus(backend, (GPU_A, "Fake H100", 8 * GIB), (GPU_B, "Fake H100", 8 * GIB))
+    pid = spawn(memory=GIB, gpu=GPU_A).pid
+    coordinator = CudaCoordinator(backend)
+    run(coordinator.lock_all([pid], 1000))
+    run(coordinator.checkpoint_all([pid]))
+    with pytest.raises(CudaError, match="must name every checkpointed GPU") as err:
+        run(coordinator.restore_all([pid], {GPU_A: GPU_B}))
+    assert err.value.pid == pid and err.value.error_name == "CUDA_ERROR_INVALID_VALUE"
+    assert backend.get_state(pid) is CudaState.CHECKPOINTED
 
 
 def gpu(index: int, uuid: str, model: str, free: int) -> GpuInfo:
@@ -214,3 +233,34 @@ def test_placement_keeps_uuids_that_fit_and_never_shares_a_target() -> None:
             [old1, old2, GPU_A], "H100"), gpus)
     with pytest.raises(InvalidArgument, match="no GPU model"):
         plan_gpu_placement({old1: GIB}, {}, gpus)
+
+
+def test_placement_moves_a_fitting_gpu_only_when_another_needs_its_place() -> None:
+    gpus = [gpu(0, GPU_A, "H100", 4 * GIB), gpu(1, GPU_B, "H100", 70 * GIB)]
+    # Both checkpointed GPUs are here; A's 8 GiB no longer fit on A, B's nothing does.
+    assert plan_gpu_placement({GPU_A: 8 * GIB, GPU_B: 0}, dict.fromkeys([GPU_A, GPU_B], "H100"),
+                              gpus) == {GPU_A: GPU_B, GPU_B: GPU_A}
+    # Everything fits in place: the identity, which the caller turns into no map.
+    assert plan_gpu_placement({GPU_A: GIB, GPU_B: 0}, dict.fromkeys([GPU_A, GPU_B], "H100"),
+                              gpus) == {GPU_A: GPU_A, GPU_B: GPU_B}
+    # One checkpointed GPU is absent: it moves, the present one stays.
+    gone = "GPU-99999999-0000-4000-8000-000000000000"
+    assert plan_gpu_placement({gone: GIB, GPU_B: 0}, dict.fromkeys([gone, GPU_B], "H100"),
+                              gpus) == {gone: GPU_A, GPU_B: GPU_B}
+
+
+def test_inventory_falls_back_to_memory_when_a_backend_cannot_name_the_gpus(
+        backend: FakeBackend, spawn: Spawn) -> None:
+    class Blind(FakeBackend):
+        def process_gpus(self, pid: int) -> set[str]:
+            raise CudaError("nvidia-smi failed", pid=pid)
+
+    write_gpus(backend, (GPU_A, "Fake H100", 8 * GIB), (GPU_B, "Fake H100", 8 * GIB))
+    pid = spawn(memory=GIB, gpu=GPU_A).pid
+    blind = Blind(backend.state_dir)
+    inventory = run(CudaCoordinator(blind).snapshot_inventory([pid]))
+    assert [(g["uuid"], g["memory_used_by_container"]) for g in inventory["gpus"]] == [(GPU_A, GIB)]
+    # Where the backend can tell, both GPUs the process sees are recorded.
+    inventory = run(CudaCoordinator(backend).snapshot_inventory([pid]))
+    assert [(g["uuid"], g["memory_used_by_container"]) for g in inventory["gpus"]] == \
+        [(GPU_A, GIB), (GPU_B, 0)]

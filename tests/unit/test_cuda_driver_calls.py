@@ -1,308 +1,313 @@
-"""DriverApiBackend's calls into cuda-bindings and NVML, checked against a recording
-stand-in of those two modules (no GPU or driver can run here; tests/gpu/ runs the real
-thing). What this pins down: which driver functions are called with which argument
-structs and fields, how CUresult errors become CudaError / CudaLockTimeout, and how
-NVML's answers become GpuInfo and per-process usage. The names and shapes follow
-cuda-bindings' documented API (cuda.bindings.driver) and nvidia-ml-py (pynvml)."""
+"""DriverApiBackend against the real cuda-bindings (13.x from the venv, and 12.9 from
+.venv/cuda-bindings-12.9; both installed by .ci/setup).
+
+Everything that needs no driver runs here against the installed package: CUuuid and
+CUcheckpointRestoreArgs built the way the package allows, read back from the memory
+the driver would be handed, the version checks, CUresult names. The driver calls
+themselves run in child interpreters against tests/support/fake_libcuda.c, a stand-in
+libcuda.so.1 that receives the package's own structs through the C ABI and refuses a
+restore's GPU pairs as NVIDIA's documentation says the driver does.
+"""
 
 from __future__ import annotations
 
-import enum
-import sys
-import types
-from collections.abc import Iterator
-from dataclasses import dataclass
+import ctypes
+from pathlib import Path
 from typing import Any
 
 import pytest
-from kybernate.cuda import CudaError, CudaLockTimeout, CudaState, find_cuda_pids
-from kybernate.cuda.driver import DriverApiBackend
-from kybernate.errors import FailedPrecondition, InvalidArgument
+from kybernate.cuda import CudaState
+from kybernate.cuda.driver import (
+    DriverApiBackend,
+    DriverSupport,
+    check_support,
+    cu_uuid,
+    error_name,
+    restore_args,
+)
+from kybernate.errors import FailedPrecondition, InvalidArgument, Unimplemented
+
+from tests.support.fake_libcuda import BINDINGS_12, FakeDriver, outcome, real_bindings, run_scenario
 
 GPU_A = "GPU-aaaaaaaa-0000-4000-8000-000000000001"
 GPU_B = "GPU-bbbbbbbb-0000-4000-8000-000000000002"
+GPU_C = "GPU-cccccccc-0000-4000-8000-000000000003"
+GPU_D = "GPU-dddddddd-0000-4000-8000-000000000004"
 
 
-class CUresult(enum.IntEnum):
-    CUDA_SUCCESS = 0
-    CUDA_ERROR_INVALID_VALUE = 1
-    CUDA_ERROR_NOT_INITIALIZED = 3
-    CUDA_ERROR_ILLEGAL_STATE = 401
-    CUDA_ERROR_NOT_FOUND = 500
-    CUDA_ERROR_TIMEOUT = 909
+def raw(uuid: str) -> str:
+    return uuid[4:].replace("-", "")
 
 
-class CUprocessState(enum.IntEnum):
-    CU_PROCESS_STATE_RUNNING = 0
-    CU_PROCESS_STATE_LOCKED = 1
-    CU_PROCESS_STATE_CHECKPOINTED = 2
-    CU_PROCESS_STATE_FAILED = 3
+@pytest.fixture(scope="module")
+def driver() -> Any:
+    return real_bindings()
 
 
-class CUuuid:
-    """Like cuda-bindings' CUuuid_st: a char[16] `bytes` field."""
+@pytest.fixture(scope="module")
+def support(driver: Any) -> DriverSupport:
+    import cuda.bindings
 
-    def __init__(self) -> None:
-        self._bytes = b"\0" * 16
-
-    @property
-    def bytes(self) -> bytes:
-        return self._bytes
-
-    @bytes.setter
-    def bytes(self, value: bytes) -> None:
-        if len(value) != 16:
-            raise ValueError("bytes length must be 16")
-        self._bytes = bytes(value)
+    return check_support(driver, cuda.bindings.__version__, 13000)
 
 
-class Struct:
-    """Only the documented fields may be set, as on cuda-bindings' Cython structs."""
-
-    fields: tuple[str, ...] = ()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name not in self.fields:
-            raise AttributeError(f"{type(self).__name__} has no field {name}")
-        object.__setattr__(self, name, value)
-
-
-class CUcheckpointLockArgs(Struct):
-    fields = ("timeoutMs", "reserved0", "reserved1")
-    timeoutMs: int
+def restore_memory(args: Any) -> tuple[int, list[tuple[str, str]], bytes]:
+    """What cuCheckpointProcessRestore would read through its pointer: the count, the
+    pairs behind gpuPairs, and the reserved bytes after them."""
+    memory = ctypes.string_at(args.getPtr(), 64)
+    pointer = int.from_bytes(memory[:8], "little")
+    count = int.from_bytes(memory[8:12], "little")
+    array = ctypes.string_at(pointer, 32 * count) if count else b""
+    pairs = [(array[32 * i:32 * i + 16].hex(), array[32 * i + 16:32 * i + 32].hex())
+             for i in range(count)]
+    return count, pairs, memory[12:]
 
 
-class CUcheckpointRestoreArgs(Struct):
-    fields = ("gpuPairs", "gpuPairsCount", "reserved", "reserved1")
+# -- in this process: the package itself, no driver ---------------------------------------
 
 
-class CUcheckpointGpuPair(Struct):
-    fields = ("oldUuid", "newUuid")
+def test_cuuuid_bytes_is_read_only_and_cu_uuid_writes_its_memory(driver: Any) -> None:
+    value = driver.CUuuid()
+    with pytest.raises(AttributeError, match="not writable"):
+        value.bytes = bytes(16)
+    built = cu_uuid(driver, GPU_A)
+    assert isinstance(built, driver.CUuuid)
+    assert built.bytes.hex() == raw(GPU_A)
+    assert ctypes.string_at(built.getPtr(), 16).hex() == raw(GPU_A)
+    for bad in ("0", "GPU-xyz", GPU_A + "00"):
+        with pytest.raises(InvalidArgument, match="not a GPU UUID"):
+            cu_uuid(driver, bad)
 
 
-class FakeDriverModule(types.ModuleType):
-    """cuda.bindings.driver as far as the backend uses it, recording every call."""
-
-    def __init__(self) -> None:
-        super().__init__("cuda.bindings.driver")
-        self.CUresult = CUresult
-        self.CUprocessState = CUprocessState
-        self.CUuuid = CUuuid
-        self.CUcheckpointLockArgs = CUcheckpointLockArgs
-        self.CUcheckpointRestoreArgs = CUcheckpointRestoreArgs
-        self.CUcheckpointGpuPair = CUcheckpointGpuPair
-        self.calls: list[tuple[str, tuple[Any, ...]]] = []
-        self.states: dict[int, CUprocessState] = {}
-        self.fail_next: dict[str, CUresult] = {}
-
-    def _record(self, name: str, *args: Any) -> CUresult | None:
-        self.calls.append((name, args))
-        return self.fail_next.pop(name, None)
-
-    def cuInit(self, flags: int) -> tuple[CUresult]:
-        return (self._record("cuInit", flags) or CUresult.CUDA_SUCCESS,)
-
-    def cuGetErrorName(self, err: CUresult) -> tuple[CUresult, bytes]:
-        return CUresult.CUDA_SUCCESS, err.name.encode()
-
-    def cuGetErrorString(self, err: CUresult) -> tuple[CUresult, bytes]:
-        return CUresult.CUDA_SUCCESS, f"text of {err.name}".encode()
-
-    def cuCheckpointProcessGetState(self, pid: int) -> tuple[CUresult, Any]:
-        err = self._record("cuCheckpointProcessGetState", pid)
-        if err is None and pid not in self.states:
-            err = CUresult.CUDA_ERROR_NOT_FOUND
-        if err:
-            return err, None
-        return CUresult.CUDA_SUCCESS, self.states[pid]
-
-    def _move(self, name: str, pid: int, args: Any, source: int, target: int
-              ) -> tuple[CUresult]:
-        err = self._record(name, pid, args)
-        if err:
-            return (err,)
-        if self.states.get(pid) != source:
-            return (CUresult.CUDA_ERROR_ILLEGAL_STATE,)
-        self.states[pid] = CUprocessState(target)
-        return (CUresult.CUDA_SUCCESS,)
-
-    def cuCheckpointProcessLock(self, pid: int, args: Any) -> tuple[CUresult]:
-        return self._move("cuCheckpointProcessLock", pid, args, 0, 1)
-
-    def cuCheckpointProcessCheckpoint(self, pid: int, args: Any) -> tuple[CUresult]:
-        return self._move("cuCheckpointProcessCheckpoint", pid, args, 1, 2)
-
-    def cuCheckpointProcessRestore(self, pid: int, args: Any) -> tuple[CUresult]:
-        return self._move("cuCheckpointProcessRestore", pid, args, 2, 1)
-
-    def cuCheckpointProcessUnlock(self, pid: int, args: Any) -> tuple[CUresult]:
-        return self._move("cuCheckpointProcessUnlock", pid, args, 1, 0)
-
-    def cuCheckpointProcessGetRestoreThreadId(self, pid: int) -> tuple[CUresult, int]:
-        self._record("cuCheckpointProcessGetRestoreThreadId", pid)
-        return CUresult.CUDA_SUCCESS, pid + 1
+def test_nothing_moves_no_restore_arguments(driver: Any, support: DriverSupport) -> None:
+    assert restore_args(driver, support, None) is None
+    assert restore_args(driver, support, {}) is None
+    assert restore_args(driver, support, {GPU_A: GPU_A, GPU_B: GPU_B}) is None
+    # Spelled differently, the same GPU: still nothing moves.
+    assert restore_args(driver, support, {GPU_A: GPU_A.upper().replace("GPU-", "GPU-", 1)}) is None
 
 
-@dataclass
-class MemoryInfo:
-    total: int
-    free: int
-    used: int
+def test_swap_of_two_gpus_as_the_driver_reads_it(driver: Any, support: DriverSupport) -> None:
+    args = restore_args(driver, support, {GPU_A: GPU_B, GPU_B: GPU_A})
+    assert isinstance(args, driver.CUcheckpointRestoreArgs)
+    assert args.gpuPairsCount == 2
+    assert [(p.oldUuid.bytes.hex(), p.newUuid.bytes.hex()) for p in args.gpuPairs] == \
+        [(raw(GPU_A), raw(GPU_B)), (raw(GPU_B), raw(GPU_A))]
+    count, pairs, reserved = restore_memory(args)
+    assert count == 2
+    assert pairs == [(raw(GPU_A), raw(GPU_B)), (raw(GPU_B), raw(GPU_A))]
+    assert reserved == bytes(len(reserved)), "reserved fields must be zero"
 
 
-@dataclass
-class ProcessInfo:
-    pid: int
-    usedGpuMemory: int | None
+def test_two_gpus_onto_two_others(driver: Any, support: DriverSupport) -> None:
+    args = restore_args(driver, support, {GPU_A: GPU_C, GPU_B: GPU_D})
+    assert restore_memory(args)[:2] == (2, [(raw(GPU_A), raw(GPU_C)), (raw(GPU_B), raw(GPU_D))])
+    # A map that keeps one GPU and moves the other still names both.
+    args = restore_args(driver, support, {GPU_A: GPU_A, GPU_B: GPU_C})
+    assert restore_memory(args)[:2] == (2, [(raw(GPU_A), raw(GPU_A)), (raw(GPU_B), raw(GPU_C))])
 
 
-class FakeNvml(types.ModuleType):
-    """pynvml as far as the backend uses it."""
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self) -> None:
-        super().__init__("pynvml")
-        self.inits = 0
-        self.devices: list[tuple[str | bytes, str | bytes, MemoryInfo, list[ProcessInfo]]] = [
-            (GPU_A, "NVIDIA H100 80GB HBM3", MemoryInfo(80 << 30, 70 << 30, 10 << 30),
-             [ProcessInfo(4242, 6 << 30), ProcessInfo(77, None)]),
-            (GPU_B.encode(), b"NVIDIA H100 80GB HBM3", MemoryInfo(80 << 30, 79 << 30, 1 << 30),
-             [ProcessInfo(4242, 1 << 30)]),
-        ]
-
-    def nvmlInit(self) -> None:
-        self.inits += 1
-
-    def nvmlShutdown(self) -> None:
-        self.inits -= 1
-
-    def nvmlSystemGetDriverVersion(self) -> bytes:
-        return b"580.65.06"
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.devices)
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
-        return index
-
-    def nvmlDeviceGetUUID(self, handle: int) -> str | bytes:
-        return self.devices[handle][0]
-
-    def nvmlDeviceGetName(self, handle: int) -> str | bytes:
-        return self.devices[handle][1]
-
-    def nvmlDeviceGetMemoryInfo(self, handle: int) -> MemoryInfo:
-        return self.devices[handle][2]
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[ProcessInfo]:
-        return self.devices[handle][3]
-
-
-@pytest.fixture
-def modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeDriverModule, FakeNvml]]:
-    driver, nvml = FakeDriverModule(), FakeNvml()
-    cuda = types.ModuleType("cuda")
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.driver = driver  # type: ignore[attr-defined]
-    cuda.bindings = bindings  # type: ignore[attr-defined]
-    for name, module in (("cuda", cuda), ("cuda.bindings", bindings),
-                         ("cuda.bindings.driver", driver), ("pynvml", nvml)):
-        monkeypatch.setitem(sys.modules, name, module)
-    yield driver, nvml
-
-
-def test_state_machine_calls_and_structs(modules: tuple[FakeDriverModule, FakeNvml]) -> None:
-    driver, _ = modules
-    backend = DriverApiBackend()
-    DriverApiBackend()
-    assert [c for c in driver.calls if c[0] == "cuInit"] == [("cuInit", (0,))] * 2
-
-    driver.states[4242] = CUprocessState.CU_PROCESS_STATE_RUNNING
-    assert backend.get_state(4242) is CudaState.RUNNING
-    backend.lock(4242, 2500)
-    backend.checkpoint(4242)
-    assert backend.get_state(4242) is CudaState.CHECKPOINTED
-    backend.restore(4242, {GPU_A: GPU_B, GPU_B: GPU_A})
-    backend.unlock(4242)
-    assert backend.restore_thread_id(4242) == 4243
-
-    by_name = {name: args for name, args in driver.calls}
-    lock_args = by_name["cuCheckpointProcessLock"][1]
-    assert isinstance(lock_args, CUcheckpointLockArgs) and lock_args.timeoutMs == 2500
-    assert by_name["cuCheckpointProcessCheckpoint"] == (4242, None)
-    assert by_name["cuCheckpointProcessUnlock"] == (4242, None)
-    restore_args = by_name["cuCheckpointProcessRestore"][1]
-    assert restore_args.gpuPairsCount == 2
-    pairs = [(p.oldUuid.bytes.hex(), p.newUuid.bytes.hex()) for p in restore_args.gpuPairs]
-    assert pairs == [("aaaaaaaa000040008000000000000001", "bbbbbbbb000040008000000000000002"),
-                     ("bbbbbbbb000040008000000000000002", "aaaaaaaa000040008000000000000001")]
-
-
-def test_restore_without_a_map_passes_no_args(modules: tuple[FakeDriverModule, FakeNvml]) -> None:
-    driver, _ = modules
-    driver.states[5] = CUprocessState.CU_PROCESS_STATE_CHECKPOINTED
-    backend = DriverApiBackend()
-    backend.restore(5)
-    assert driver.calls[-1] == ("cuCheckpointProcessRestore", (5, None))
+def test_bad_maps_are_refused_before_any_struct(driver: Any, support: DriverSupport) -> None:
     with pytest.raises(InvalidArgument, match="two GPUs onto one"):
-        backend.restore(5, {GPU_A: GPU_B, GPU_B: GPU_B})
+        restore_args(driver, support, {GPU_A: GPU_C, GPU_B: GPU_C})
     with pytest.raises(InvalidArgument, match="not a GPU UUID"):
-        backend.restore(5, {"0": GPU_B})
+        restore_args(driver, support, {"0": GPU_B})
 
 
-def test_driver_errors_carry_name_string_and_pid(
-        modules: tuple[FakeDriverModule, FakeNvml]) -> None:
-    driver, _ = modules
+def test_remap_where_the_node_cannot_is_unimplemented_with_versions(driver: Any) -> None:
+    import cuda.bindings
+
+    version = cuda.bindings.__version__
+    old_driver = check_support(driver, version, 12080)
+    assert not old_driver.remap
+    assert restore_args(driver, old_driver, {GPU_A: GPU_A}) is None
+    with pytest.raises(Unimplemented) as err:
+        restore_args(driver, old_driver, {GPU_A: GPU_B})
+    assert f"cuda-bindings {version}, driver API 12.8" in str(err.value)
+    assert "CUDA 13.0 (R580)" in str(err.value)
+
+
+class Without:
+    """The real module less some names: the shape of releases that lack them (13.0.0
+    and 13.0.1 have no cuCheckpointProcessRestore, 12.x no CUcheckpointGpuPair)."""
+
+    def __init__(self, module: Any, *hidden: str) -> None:
+        self._module, self._hidden = module, hidden
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._hidden:
+            raise AttributeError(name)
+        return getattr(self._module, name)
+
+
+def test_version_checks(driver: Any) -> None:
+    assert check_support(driver, "13.5.0", 13000).remap
+    assert check_support(driver, "13.4.0b1", 13020).remap
+    for version in ("12.6.0", "11.8.7", "14.0.0", "nonsense"):
+        with pytest.raises(FailedPrecondition, match="supports cuda-bindings 12.8 to 13.x"):
+            check_support(driver, version, 13000)
+    with pytest.raises(FailedPrecondition, match=r"driver API 12\.4: .*CUDA 12\.8 \(R570\)"):
+        check_support(driver, "13.5.0", 12040)
+    with pytest.raises(FailedPrecondition, match="lacks the checkpoint API .*cuCheckpointProcessRestore"):
+        check_support(Without(driver, "cuCheckpointProcessRestore"), "13.0.1", 13000)
+    no_pairs = check_support(Without(driver, "CUcheckpointGpuPair"), "12.9.0", 13000)
+    assert not no_pairs.remap and "cannot pass GPU pairs" in no_pairs.remap_refusal
+
+
+def test_cuda_errors_are_named_from_the_enum_without_a_driver(driver: Any) -> None:
+    # No libcuda here: the name comes from the package's enum, the text is absent.
+    assert error_name(driver, driver.CUresult.CUDA_ERROR_TIMEOUT) == ("CUDA_ERROR_TIMEOUT", "")
+    assert error_name(driver, driver.CUresult.CUDA_ERROR_ILLEGAL_STATE)[0] == \
+        "CUDA_ERROR_ILLEGAL_STATE"
+    assert error_name(driver, 424242)[0] == "CUresult 424242"
+    assert [CudaState(int(s)).name for s in driver.CUprocessState] == \
+        [s.name.removeprefix("CU_PROCESS_STATE_") for s in driver.CUprocessState]
+
+
+def test_backend_without_a_driver_fails_at_start_with_the_reason(driver: Any) -> None:
+    with pytest.raises(FailedPrecondition, match="CUDA driver cannot run cuInit"):
+        DriverApiBackend()
+
+
+# -- in a child: the package's calls into a stand-in libcuda -------------------------------
+
+VARIANTS = {"cuda-bindings 13 (venv)": None, "cuda-bindings 12.9": BINDINGS_12}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def bindings(request: pytest.FixtureRequest) -> Path | None:
+    where = VARIANTS[request.param]
+    assert where is None or where.is_dir(), f"{where} is missing: run .ci/setup"
+    return where
+
+
+def scenario_state_machine(fake: FakeDriver) -> dict[str, Any]:
+    fake.reset([GPU_A, GPU_B])
+    fake.add_process(4242, "RUNNING", [GPU_A, GPU_B])
     backend = DriverApiBackend()
-    driver.states[9] = CUprocessState.CU_PROCESS_STATE_RUNNING
-    with pytest.raises(CudaError) as err:
-        backend.checkpoint(9)
-    assert err.value.pid == 9 and err.value.error_name == "CUDA_ERROR_ILLEGAL_STATE"
-    assert str(err.value) == ("cuCheckpointProcessCheckpoint failed: pid 9: "
-                              "CUDA_ERROR_ILLEGAL_STATE: text of CUDA_ERROR_ILLEGAL_STATE")
+    seen = [backend.get_state(4242).name]
+    backend.lock(4242, 2500)
+    seen.append(backend.get_state(4242).name)
+    backend.checkpoint(4242)
+    seen.append(backend.get_state(4242).name)
+    tid = backend.restore_thread_id(4242)
+    backend.restore(4242, {GPU_A: GPU_A, GPU_B: GPU_B})  # nothing moves
+    seen.append(backend.get_state(4242).name)
+    backend.unlock(4242)
+    seen.append(backend.get_state(4242).name)
+    import cuda.bindings
 
-    driver.fail_next["cuCheckpointProcessLock"] = CUresult.CUDA_ERROR_TIMEOUT
-    with pytest.raises(CudaLockTimeout, match="lock of pid 9 timed out after 100 ms"):
-        backend.lock(9, 100)
-    assert backend.get_state(9) is CudaState.RUNNING
-    driver.fail_next["cuCheckpointProcessLock"] = CUresult.CUDA_ERROR_INVALID_VALUE
-    with pytest.raises(CudaError, match="CUDA_ERROR_INVALID_VALUE"):
-        backend.lock(9, 100_000)
-
-    driver.fail_next["cuInit"] = CUresult.CUDA_ERROR_NOT_INITIALIZED
-    with pytest.raises(CudaError, match="cuInit failed: CUDA_ERROR_NOT_INITIALIZED"):
-        DriverApiBackend()
+    return {"states": seen, "tid": tid, "calls": fake.calls(), "version": cuda.bindings.__version__,
+            "remap": backend.support.remap}
 
 
-def test_missing_bindings_or_old_bindings(monkeypatch: pytest.MonkeyPatch,
-                                          modules: tuple[FakeDriverModule, FakeNvml]) -> None:
-    driver, _ = modules
-    monkeypatch.delattr(driver, "CUcheckpointLockArgs")
-    with pytest.raises(FailedPrecondition, match="missing: CUcheckpointLockArgs"):
-        DriverApiBackend()
-    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
-    with pytest.raises(FailedPrecondition, match="cuda-bindings is not installed"):
-        DriverApiBackend()
+def test_state_machine_through_the_package(bindings: Path | None) -> None:
+    result = run_scenario(scenario_state_machine, bindings=bindings)
+    assert result["version"].startswith("12.9" if bindings else "13.")
+    assert result["remap"] is (bindings is None)
+    assert result["states"] == ["RUNNING", "LOCKED", "CHECKPOINTED", "LOCKED", "RUNNING"]
+    assert result["tid"] == 4243
+    calls = [c for c in result["calls"] if c["call"] != "cuCheckpointProcessGetState"]
+    assert [c["call"] for c in calls] == [
+        "cuInit", "cuCheckpointProcessLock", "cuCheckpointProcessCheckpoint",
+        "cuCheckpointProcessGetRestoreThreadId", "cuCheckpointProcessRestore",
+        "cuCheckpointProcessUnlock"]
+    assert all(c["result"] == 0 for c in calls), calls
+    lock, checkpoint, _, restore, unlock = calls[1:]
+    assert lock["timeout_ms"] == 2500 and not lock["args_null"]
+    assert checkpoint["args_null"] and unlock["args_null"]
+    assert restore["args_null"], "an identity map must reach the driver as no arguments"
 
 
-def test_inventory_usage_and_discovery_through_nvml(
-        modules: tuple[FakeDriverModule, FakeNvml]) -> None:
-    driver, nvml = modules
+def scenario_remaps(fake: FakeDriver) -> dict[str, Any]:
+    fake.reset([GPU_A, GPU_B, GPU_C, GPU_D])
+    results: dict[str, Any] = {}
+    for pid, gpus, gpu_map in (
+            (10, [GPU_A, GPU_B], {GPU_A: GPU_B, GPU_B: GPU_A}),  # swap
+            (11, [GPU_A, GPU_B], {GPU_A: GPU_C, GPU_B: GPU_D}),  # both elsewhere
+            (12, [GPU_A, GPU_B], {GPU_B: GPU_C}),  # only the GPU with memory: incomplete
+            (13, [GPU_A], {GPU_A: GPU_C})):  # one checkpointed GPU moves
+        fake.add_process(pid, "CHECKPOINTED", gpus)
+        backend = DriverApiBackend()
+        results[str(pid)] = {
+            "outcome": outcome(lambda: backend.restore(pid, gpu_map)),  # noqa: B023
+            "gpus_after": fake.process_gpus(pid),
+            "driver_saw": (fake.calls("cuCheckpointProcessRestore") or [None])[-1],
+        }
+    return results
+
+
+def test_remaps_reach_the_driver_complete_or_are_refused(bindings: Path | None) -> None:
+    results = run_scenario(scenario_remaps, bindings=bindings)
+    if bindings is not None:  # 12.x: no pairs in the package, nothing reaches the driver
+        for entry in results.values():
+            assert entry["outcome"]["error"] == "Unimplemented", entry
+            assert "cuda-bindings 12.9" in entry["outcome"]["message"], entry
+            assert "cannot pass GPU pairs" in entry["outcome"]["message"], entry
+            assert entry["driver_saw"] is None
+        return
+    swap, elsewhere, incomplete, single = (results[k] for k in ("10", "11", "12", "13"))
+    assert swap["outcome"] == {"ok": None}
+    assert swap["driver_saw"]["pairs"] == [[raw(GPU_A), raw(GPU_B)], [raw(GPU_B), raw(GPU_A)]]
+    assert swap["driver_saw"]["count"] == 2 and swap["driver_saw"]["reserved_zero"]
+    assert swap["gpus_after"] == [GPU_B, GPU_A]
+    assert elsewhere["outcome"] == {"ok": None} and elsewhere["gpus_after"] == [GPU_C, GPU_D]
+    # The driver refuses a map that leaves out a checkpointed GPU.
+    assert incomplete["outcome"]["error"] == "CudaError", incomplete
+    assert "CUDA_ERROR_INVALID_VALUE: invalid argument" in incomplete["outcome"]["message"]
+    assert incomplete["gpus_after"] == [GPU_A, GPU_B]
+    assert single["outcome"] == {"ok": None} and single["gpus_after"] == [GPU_C]
+
+
+def scenario_errors(fake: FakeDriver) -> dict[str, Any]:
+    fake.reset([GPU_A])
+    fake.add_process(9, "RUNNING", [GPU_A])
     backend = DriverApiBackend()
-    gpus = backend.gpus()
-    assert [(g.index, g.uuid, g.model, g.memory_free) for g in gpus] == [
-        (0, GPU_A, "NVIDIA H100 80GB HBM3", 70 << 30),
-        (1, GPU_B, "NVIDIA H100 80GB HBM3", 79 << 30)]
-    assert backend.process_gpu_memory(4242) == {GPU_A: 6 << 30, GPU_B: 1 << 30}
-    assert backend.process_gpu_memory(77) == {GPU_A: 0}
-    assert backend.compute_pids() == {4242, 77}
-    assert backend.driver_version() == "580.65.06"
-    assert nvml.inits == 1
+    results = {"checkpoint_running": outcome(lambda: backend.checkpoint(9))}
+    fake.fail_next("cuCheckpointProcessLock", 909)  # CUDA_ERROR_TIMEOUT
+    results["lock_timeout"] = outcome(lambda: backend.lock(9, 100))
+    results["state_after_timeout"] = backend.get_state(9).name
+    fake.fail_next("cuCheckpointProcessLock", 1)
+    results["lock_invalid"] = outcome(lambda: backend.lock(9, 100_000))
+    results["unknown_pid"] = outcome(lambda: backend.get_state(31337))
+    results["is_cuda"] = [backend.is_cuda_process(9), backend.is_cuda_process(31337)]
+    fake.reset([GPU_B])  # the checkpointed GPU is gone and no map says where to go
+    fake.add_process(9, "CHECKPOINTED", [GPU_A])
+    results["restore_gpu_gone"] = outcome(lambda: backend.restore(9))
+    fake.fail_next("cuInit", 3)
+    results["init"] = outcome(DriverApiBackend)
+    fake.reset([GPU_A], driver_api=12040)
+    results["old_driver"] = outcome(DriverApiBackend)
+    fake.reset([GPU_A, GPU_B], driver_api=12080)
+    fake.add_process(5, "CHECKPOINTED", [GPU_A])
+    older = DriverApiBackend()
+    results["driver_12_8_remap"] = outcome(lambda: older.restore(5, {GPU_A: GPU_B}))
+    results["driver_12_8_in_place"] = outcome(lambda: older.restore(5, {GPU_A: GPU_A}))
+    return results
 
-    # Not holding /dev/nvidia* (nothing does here): the driver's state query decides.
-    driver.states[31] = CUprocessState.CU_PROCESS_STATE_CHECKPOINTED
-    assert find_cuda_pids([4242, 31], backend) == [31]
-    backend.close()
-    assert nvml.inits == 0
+
+def test_cuda_results_become_kybernate_errors(bindings: Path | None) -> None:
+    r = run_scenario(scenario_errors, bindings=bindings)
+    assert r["checkpoint_running"] == {
+        "error": "CudaError",
+        "message": "cuCheckpointProcessCheckpoint failed: pid 9: CUDA_ERROR_ILLEGAL_STATE: "
+                   "the operation is not permitted in this state"}
+    assert r["lock_timeout"] == {
+        "error": "CudaLockTimeout",
+        "message": "CUDA lock of pid 9 timed out after 100 ms "
+                   "(CUDA_ERROR_TIMEOUT: the operation timed out)"}
+    assert r["state_after_timeout"] == "RUNNING"
+    assert r["lock_invalid"]["error"] == "CudaError"
+    assert "CUDA_ERROR_INVALID_VALUE" in r["lock_invalid"]["message"]
+    assert r["unknown_pid"]["error"] == "CudaError"
+    assert "CUDA_ERROR_NOT_FOUND" in r["unknown_pid"]["message"]
+    assert r["is_cuda"] == [True, False]
+    assert r["init"] == {"error": "CudaError", "message": "cuInit failed: CUDA_ERROR_NOT_INITIALIZED:"
+                                                            " initialization error"}
+    assert r["old_driver"]["error"] == "FailedPrecondition"
+    assert "driver API 12.4" in r["old_driver"]["message"]
+    assert r["driver_12_8_remap"]["error"] == "Unimplemented"
+    assert "driver API 12.8" in r["driver_12_8_remap"]["message"]
+    assert r["driver_12_8_in_place"] == {"ok": None}
+    assert r["restore_gpu_gone"]["error"] == "CudaError"
+    assert "CUDA_ERROR_INVALID_DEVICE" in r["restore_gpu_gone"]["message"]

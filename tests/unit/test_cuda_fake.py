@@ -81,7 +81,8 @@ def spawn() -> Iterator[Spawn]:
     started: list[subprocess.Popen[bytes]] = []
 
     def start(token: str | None = "auto", *, memory: int | None = None,
-              gpu: str | None = None) -> subprocess.Popen[bytes]:
+              gpu: str | None = None, visible: list[str] | None = None
+              ) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KYBERNATE_FAKE_CUDA")}
         if token is not None:
             env["KYBERNATE_FAKE_CUDA"] = (
@@ -90,6 +91,8 @@ def spawn() -> Iterator[Spawn]:
             env["KYBERNATE_FAKE_CUDA_MEM"] = str(memory)
         if gpu is not None:
             env["KYBERNATE_FAKE_CUDA_GPU"] = gpu
+        if visible is not None:
+            env["KYBERNATE_FAKE_CUDA_VISIBLE"] = ",".join(visible)
         proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
         started.append(proc)
         return proc
@@ -321,20 +324,50 @@ def test_restore_needs_free_memory_on_the_target_gpu(backend: FakeBackend, spawn
     assert backend.process_gpu_memory(first.pid) == {GPU_A: 600 * MIB}
 
 
-def test_restore_honours_the_gpu_map(backend: FakeBackend, spawn: Spawn) -> None:
-    write_gpus(backend, (GPU_A, "Fake H100", 4 * GIB), (GPU_B, "Fake H100", 4 * GIB))
+def test_restore_follows_the_drivers_rules_for_gpu_pairs(
+        backend: FakeBackend, spawn: Spawn) -> None:
+    write_gpus(backend, (GPU_A, "Fake H100", 4 * GIB), (GPU_B, "Fake H100", 4 * GIB),
+               (GPU_C, "Fake A100", 4 * GIB))
     pid = spawn(memory=GIB, gpu=GPU_A).pid
+    # It sees every GPU, so its checkpoint covers all three, memory there or not.
+    assert backend.process_gpus(pid) == {GPU_A, GPU_B, GPU_C}
     backend.lock(pid, 1000)
     backend.checkpoint(pid)
+    assert backend.process_gpus(pid) == set()  # device files closed, as the driver's are
 
-    with pytest.raises(CudaError, match=f"no pair for checkpointed GPU {GPU_A}"):
-        backend.restore(pid, {GPU_B: GPU_A})
-    with pytest.raises(CudaError, match=f"GPU {GPU_C} is not present"):
-        backend.restore(pid, {GPU_A: GPU_C})
-    backend.restore(pid, {GPU_A: GPU_B})
+    with pytest.raises(CudaError, match="must name every checkpointed GPU") as err:
+        backend.restore(pid, {GPU_A: GPU_B})  # only the GPU with memory
+    assert err.value.error_name == "CUDA_ERROR_INVALID_VALUE"
+    with pytest.raises(CudaError, match=f"GPU {GPU_C} for checkpointed GPU {GPU_A} "
+                                        r"\(Fake H100\) is a Fake A100") as err:
+        backend.restore(pid, {GPU_A: GPU_C, GPU_B: GPU_B, GPU_C: GPU_A})
+    assert err.value.error_name == "CUDA_ERROR_INVALID_VALUE"
+    with pytest.raises(InvalidArgument, match="two GPUs onto one"):
+        backend.restore(pid, {GPU_A: GPU_B, GPU_B: GPU_B, GPU_C: GPU_C})
+    assert backend.get_state(pid) is CudaState.CHECKPOINTED
+
+    backend.restore(pid, {GPU_A: GPU_B, GPU_B: GPU_A, GPU_C: GPU_C})  # a swap
     assert backend.process_gpu_memory(pid) == {GPU_B: GIB}
+    assert backend.process_gpus(pid) == {GPU_A, GPU_B, GPU_C}
     assert free_memory(backend, GPU_A) == 4 * GIB
     assert free_memory(backend, GPU_B) == 3 * GIB
+
+
+def test_restore_without_a_map_needs_every_gpu_in_place(
+        backend: FakeBackend, spawn: Spawn) -> None:
+    write_gpus(backend, (GPU_A, "Fake H100", 4 * GIB), (GPU_B, "Fake H100", 4 * GIB))
+    pid = spawn(memory=GIB, gpu=GPU_A, visible=[GPU_A]).pid
+    assert backend.process_gpus(pid) == {GPU_A}
+    backend.lock(pid, 1000)
+    backend.checkpoint(pid)
+    write_gpus(backend, (GPU_B, "Fake H100", 4 * GIB))  # GPU_A is gone
+    for no_map in (None, {}, {GPU_A: GPU_A}):
+        with pytest.raises(CudaError, match=f"GPU {GPU_A} is not present") as err:
+            backend.restore(pid, no_map)
+        assert err.value.error_name == "CUDA_ERROR_INVALID_DEVICE"
+    backend.restore(pid, {GPU_A: GPU_B})
+    assert backend.process_gpu_memory(pid) == {GPU_B: GIB}
+    assert backend.process_gpus(pid) == {GPU_B}
 
 
 # -- shared across processes and across a pid change -----------------------------------------
