@@ -42,6 +42,18 @@ FAILED_LOGS_KEPT = 50
 STREAM_FLUSH_S = 5.0
 
 
+def _check_socket_directory(directory: Path) -> None:
+    """The socket is root's alone (0600): its directory must not let anyone else swap it
+    for their own (writable by others, without the sticky bit), nor belong to another."""
+    info = directory.stat()
+    writable_by_others = info.st_mode & 0o022 and not info.st_mode & 0o1000
+    if info.st_uid != os.geteuid() or writable_by_others:
+        raise FailedPrecondition(
+            f"refusing to listen in {directory}: it is owned by uid {info.st_uid} with mode"
+            f" {oct(info.st_mode & 0o7777)}; the agent's socket directory must be its own and not"
+            " writable by others")
+
+
 def _prune_oldest(directory: Path, keep: int) -> None:
     if not directory.is_dir():
         return
@@ -200,6 +212,7 @@ class Agent:
     async def _listen(self) -> None:
         path = self.config.socket
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _check_socket_directory(path.parent)
         if path.exists() or path.is_symlink():
             if _socket_in_use(path):
                 raise AlreadyExists(f"another agent is already serving on {path}")

@@ -30,7 +30,10 @@ class ProgressChannel:
         delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((message, delivered))
         try:
-            await asyncio.wait_for(asyncio.shield(delivered), SEND_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+            # arrives as the message is delivered, and the pipeline would not stop.
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await asyncio.shield(delivered)
         except TimeoutError:
             raise Unavailable(f"the shim did not take the checkpoint's progress within {SEND_TIMEOUT_S:.0f}s") from None
 

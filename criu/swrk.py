@@ -261,7 +261,8 @@ def _recv_packet_now(sock: socket.socket) -> bytes | None:
 async def _reap(spawned: asyncio.Future[int], grace: float) -> int | None:
     """CRIU's exit status; kills it (by cancelling its spawn) if it outstays `grace`."""
     try:
-        return await asyncio.wait_for(asyncio.shield(spawned), grace)
+        async with asyncio.timeout(grace):
+            return await asyncio.shield(spawned)
     except TimeoutError:
         log.warning("criu did not exit within %.1fs; killing it", grace)
         spawned.cancel()

@@ -50,12 +50,14 @@ class ConsoleSocket:
         """Accept runc's connection and return the pty master fd it sends (ours to close)."""
         loop = asyncio.get_running_loop()
         try:
-            conn, _ = await asyncio.wait_for(loop.sock_accept(self._sock), timeout)
+            async with asyncio.timeout(timeout):
+                conn, _ = await loop.sock_accept(self._sock)
         except TimeoutError:
             raise DeadlineExceeded(f"no console received on {self.path} within {timeout}s") from None
         with conn:
             conn.setblocking(False)
-            fds = await asyncio.wait_for(_receive_fds(loop, conn), timeout)
+            async with asyncio.timeout(timeout):
+                fds = await _receive_fds(loop, conn)
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)

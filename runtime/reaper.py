@@ -258,7 +258,8 @@ class Reaper:
         try:
             if timeout is None:
                 return await asyncio.shield(fut)
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(fut)
         except TimeoutError:
             raise DeadlineExceeded(f"pid {pid} did not exit within {timeout}s") from None
         finally:
@@ -346,7 +347,8 @@ class Reaper:
                 return exit_, out, err
 
             try:
-                exit_, out, err = await asyncio.wait_for(collect(), timeout)
+                async with asyncio.timeout(timeout):
+                    exit_, out, err = await collect()
             except TimeoutError:
                 _kill_quietly(child.pid)
                 raise DeadlineExceeded(

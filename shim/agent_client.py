@@ -68,8 +68,8 @@ class AgentClient:
         # A plain connect first: a socket file left by a dead agent is refused at once,
         # where gRPC would retry until the connect timeout.
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.socket_path)), self._connect_timeout)
+            async with asyncio.timeout(self._connect_timeout):
+                _, writer = await asyncio.open_unix_connection(str(self.socket_path))
             writer.close()
         except (OSError, TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "connect timed out"
@@ -80,7 +80,8 @@ class AgentClient:
 
         channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}")
         try:
-            await asyncio.wait_for(channel.channel_ready(), self._connect_timeout)
+            async with asyncio.timeout(self._connect_timeout):
+                await channel.channel_ready()
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             await channel.close()
             reason = str(exc) or f"no answer within {self._connect_timeout:g} s"

@@ -120,7 +120,8 @@ class EventPublisher:
         self._state = PublisherState.CLOSING
         if self._drainer is not None:
             try:
-                await asyncio.wait_for(self._queue.join(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._queue.join()
             except TimeoutError:
                 log.error("%d event(s) not delivered to containerd within %.1fs: dropped",
                           self._queue.qsize(), timeout)
@@ -145,8 +146,8 @@ class EventPublisher:
         for attempt in range(1, self._retry.max_attempts + 1):
             try:
                 if self._client is None:
-                    self._client = await asyncio.wait_for(self._connect(self._path),
-                                                          self._retry.call_timeout_s)
+                    async with asyncio.timeout(self._retry.call_timeout_s):
+                        self._client = await self._connect(self._path)
                 await self._client.call(EVENTS_SERVICE, FORWARD_METHOD, request, empty_pb2.Empty,
                                         timeout=self._retry.call_timeout_s, metadata=metadata)
                 return

@@ -15,6 +15,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,6 +154,15 @@ def test_checkpoint_leave_running_then_exit_and_runc_restore(agent: AgentProcess
     assert health.dirty_count == 0 and health.checkpoints_in_flight == 0
     socket_mode = os.stat(agent.socket)
     assert (stat.S_IMODE(socket_mode.st_mode), socket_mode.st_uid) == (0o600, 0), "root-only socket"
+    # Another user cannot even connect: the kernel checks its uid against the socket's.
+    os.chmod(agent.socket.parent, 0o711)  # let it reach the socket file, to be refused there
+    try:
+        connect = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+        probe = subprocess.run([sys.executable, "-c", connect, str(agent.socket)],
+                               user=65534, capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        os.chmod(agent.socket.parent, 0o700)
+    assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
 
     # The `kybernate checkpoint list|inspect` entries print the same registry.
     capsys.readouterr()

@@ -308,7 +308,7 @@ def test_a_shim_leaving_the_stream_stops_the_pipeline(
     wait_for_log(agent, "the shim left the stream", offset, timeout=15)
     deadline = time.monotonic() + 15
     while record(agent, checkpoint_id).state != "failed":
-        assert time.monotonic() < deadline, record(agent, checkpoint_id)
+        assert time.monotonic() < deadline, f"{record(agent, checkpoint_id)}\n{agent.log()[offset:]}"
         time.sleep(0.1)
     assert agent.cuda_state(container.token) == "RUNNING", "the pipeline's lock was given back"
     assert container.status() == "running"
