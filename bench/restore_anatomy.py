@@ -1,9 +1,11 @@
 """Where a checkpoint's and a restore's time goes, phase by phase: Kybernate beside
 runc's path (io.containerd.runc.v2), one container per runtime and size, in one run.
 
-    .venv/bin/python -m bench.restore_anatomy [--sizes 512,2048] [--rounds 1] [--out DIR]
+    .venv/bin/python -m bench.restore_anatomy [--sizes 512,2048] [--rounds 1]
+                                              [--workload memhold|server] [--out DIR]
 
-Each sample runs memhold SIZE MiB (the checkpoint benchmark's image and workload), then:
+Each sample runs memhold SIZE MiB (the checkpoint benchmark's image and workload) or the
+cold-start benchmark's model server of SIZE MiB, then:
 
 1. `ctr container checkpoint --task C REF` (leave running) while `perf` records the
    scheduler's fork/exec/exit events: every program our containerd, shims and agent
@@ -41,10 +43,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kybernate.sandbox.images import import_image
 
 from bench.checkpoint_bench import (
     HEARTBEAT_THRESHOLD_US,
@@ -55,6 +59,7 @@ from bench.checkpoint_bench import (
     program_spans,
     wait_for,
 )
+from bench.coldstart_bench import ask, free_port, server_argv
 from bench.common import (
     CONTAINER_TOOLS,
     RESULTS_DIR,
@@ -71,6 +76,7 @@ from bench.common import (
     sched_events_recorded,
     utc_stamp,
 )
+from bench.server_image import SERVER_IMAGE_REF, server_image_archive
 
 CRIU_LINE = re.compile(r"^\((?P<at>\d+\.\d+)\)\s?(?P<text>.*)$")
 # CRIU's restore, in the order it logs them (CRIU 4.2 at log level 4, which runc sets):
@@ -157,8 +163,10 @@ class Sample:
     runtime: str
     size_mib: int
     round: int
+    workload: str = "memhold"
     checkpoint_s: float | None = None
     restore_s: float | None = None
+    restore_until_ready_s: float | None = None  # memhold verified again / the server answered
     checkpoint_programs: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_containerd_log: list[dict[str, Any]] = field(default_factory=list)
     restore_containerd_log: list[dict[str, Any]] = field(default_factory=list)
@@ -203,19 +211,33 @@ def verify_seconds(directory: Path) -> float:
     return time.monotonic() - started
 
 
-def measure(bench: Bench, runtime: str, size_mib: int, round_index: int, logs_dir: Path) -> Sample:
-    sample = Sample(runtime=runtime, size_mib=size_mib, round=round_index)
+def start_workload(bench: Bench, runtime: str, container_id: str, size_mib: int,
+                   workload: str) -> Callable[[], bool]:
+    """Run memhold (with the heartbeat) or the model server in a new container; returns
+    the check that it is ready (memhold verified its pattern, the server answered)."""
+    annotations = (("--annotation", f"io.kybernate.agent-socket={bench.agent.socket}")
+                   if runtime == "kybernate" else ())
+    if workload == "server":
+        port = free_port()
+        bench.ctr("run", "-d", "--net-host", "--runtime", RUNTIMES[runtime], *annotations, SERVER_IMAGE_REF,
+                  container_id, *server_argv(size_mib, port), timeout=60)
+        return lambda: ask(port) is not None
+    command = (f"/bin/heartbeat /tmp/gaps {HEARTBEAT_THRESHOLD_US} & "
+               f"exec /bin/memhold {size_mib} 7 /tmp/memhold")
+    bench.ctr("run", "-d", "--runtime", RUNTIMES[runtime], *annotations, IMAGE_REF, container_id,
+              "sh", "-c", command, timeout=60)
+    return lambda: bench.memhold_rounds(container_id) >= 1
+
+
+def measure(bench: Bench, runtime: str, size_mib: int, round_index: int, logs_dir: Path,
+            workload: str) -> Sample:
+    sample = Sample(runtime=runtime, size_mib=size_mib, round=round_index, workload=workload)
     container_id = f"kyb-anat-{runtime}-{size_mib}-{uuid.uuid4().hex[:6]}"
     checkpoint_ref = f"docker.io/kybernate/anat-{container_id}:1"
     tag = f"{runtime}-{size_mib}-r{round_index}"
     try:
-        annotations = (("--annotation", f"io.kybernate.agent-socket={bench.agent.socket}")
-                       if runtime == "kybernate" else ())
-        workload = (f"/bin/heartbeat /tmp/gaps {HEARTBEAT_THRESHOLD_US} & "
-                    f"exec /bin/memhold {size_mib} 7 /tmp/memhold")
-        bench.ctr("run", "-d", "--runtime", RUNTIMES[runtime], *annotations, IMAGE_REF, container_id,
-                  "sh", "-c", workload, timeout=60)
-        wait_for(f"memhold in {container_id}", lambda: bench.memhold_rounds(container_id) >= 1, timeout=180)
+        ready = start_workload(bench, runtime, container_id, size_mib, workload)
+        wait_for(f"{workload} in {container_id}", ready, timeout=900)
 
         recording = bench.workdir / f"sched-{container_id}.data"
         try:
@@ -246,6 +268,8 @@ def measure(bench: Bench, runtime: str, size_mib: int, round_index: int, logs_di
                 sample.restore_s = ended - started
                 sample.restore_containerd_log = containerd_lines(
                     bench.containerd.log_path, started_wall, started_wall + (ended - started))
+                wait_for(f"restored {workload} in {container_id}", ready, timeout=300)
+                sample.restore_until_ready_s = time.monotonic() - started
                 restore_window = (started, ended)
             trace = read_sched_trace(recording)
         finally:
@@ -277,7 +301,91 @@ def measure(bench: Bench, runtime: str, size_mib: int, round_index: int, logs_di
     return sample
 
 
-def run(sizes: Sequence[int], rounds: int, out_dir: Path) -> dict[str, Any]:
+# ---- phases -----------------------------------------------------------------------------------
+
+
+def _first(programs: Sequence[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((p for p in programs if p["program"] == name and p["duration_s"] is not None), None)
+
+
+def _longest(programs: Sequence[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    runs = [p for p in programs if p["program"] == name and p["duration_s"] is not None]
+    return max(runs, key=lambda p: p["duration_s"], default=None)
+
+
+def _silence_over(log: dict[str, Any], text: str) -> float:
+    """The longest silence in a CRIU log that ends with a line containing `text`."""
+    return max((g["seconds"] for g in log.get("longest_silences", []) if text in g["after"]), default=0.0)
+
+
+def restore_phases(sample: Sample) -> dict[str, float | None]:
+    """`ctr container restore` cut into consecutive phases (seconds): containerd before
+    the shim (unpacking the checkpoint), the shim up to `runc restore` (for Kybernate the
+    agent's PrepareRestore: verification), runc up to CRIU, CRIU itself (its memory
+    restore, the restorer's page read, apart), and what follows CRIU until ctr returns
+    (runc's exit, Kybernate's CompleteRestore, containerd's start)."""
+    programs = sample.restore_programs
+    shim = next((p for p in programs if p["program"].startswith("containerd-shim")), None)
+    runc = _longest(programs, "runc")
+    criu = _longest(programs, "criu")
+    if shim is None or runc is None or criu is None or sample.restore_s is None:
+        return {}
+    # CRIU's own clock: in the trace the restored tasks' threads count as criu's (they
+    # are forked by it and never exec), so its span ends with the last of them.
+    criu_s = sample.restore_log.get("total_s") or criu["duration_s"]
+    pages = _silence_over(sample.restore_log, "returned")
+    return {
+        "containerd_before_shim": shim["start_s"],
+        "shim_to_runc_restore": runc["start_s"] - shim["start_s"],
+        "runc_to_criu": criu["start_s"] - runc["start_s"],
+        "criu_restore": criu_s,
+        "criu_page_read": pages,
+        "criu_other": criu_s - pages,
+        "after_criu": sample.restore_s - (criu["start_s"] + criu_s),
+        "total": sample.restore_s,
+    }
+
+
+def checkpoint_phases(sample: Sample) -> dict[str, float | None]:
+    """`ctr container checkpoint --task` (leave running) cut into phases (seconds): up
+    to CRIU (containerd's pause; Kybernate's agent up to its freeze), CRIU's dump, then
+    from CRIU's exit to containerd's `runc resume` (Kybernate's commit: hashing and
+    fsync; then containerd packing the images into its content store, both while the
+    task stays paused), and the resume."""
+    programs = sample.checkpoint_programs
+    criu = _longest(programs, "criu")
+    runcs = [p for p in programs if p["program"] == "runc" and p["duration_s"] is not None]
+    if criu is None or not runcs or sample.checkpoint_s is None:
+        return {}
+    criu_s = sample.dump_log.get("total_s") or criu["duration_s"]
+    criu_end = criu["start_s"] + criu_s
+    resume = max(runcs, key=lambda p: p["start_s"])
+    commit = None
+    if sample.shim_phases_ms and "committed" in sample.shim_phases_ms and "dumped" in sample.shim_phases_ms:
+        commit = (sample.shim_phases_ms["committed"] - sample.shim_phases_ms["dumped"]) / 1000
+    after = resume["start_s"] - criu_end
+    return {
+        "before_criu": criu["start_s"],
+        "criu_dump": criu_s,
+        "criu_exit_to_resume": after,
+        "of_which_agent_commit": commit,
+        "of_which_containerd_pack": after - commit if commit is not None else after,
+        "resume_and_return": sample.checkpoint_s - resume["start_s"],
+        "total": sample.checkpoint_s,
+    }
+
+
+def print_phases(samples: Sequence[Sample]) -> None:
+    for title, phases in (("restore", restore_phases), ("checkpoint", checkpoint_phases)):
+        print(f"\n{title} phases, seconds")
+        for sample in samples:
+            cut = phases(sample)
+            if cut:
+                print(f"  {sample.runtime:<9} {sample.size_mib:>5} MiB  "
+                      + "  ".join(f"{k} {v:.2f}" for k, v in cut.items() if v is not None))
+
+
+def run(sizes: Sequence[int], rounds: int, out_dir: Path, workload: str) -> dict[str, Any]:
     stamp = utc_stamp()
     machine = machine_info(CONTAINER_TOOLS)
     logs_dir = out_dir / f"anatomy-{stamp}"
@@ -285,17 +393,24 @@ def run(sizes: Sequence[int], rounds: int, out_dir: Path) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="kyb-anat-", dir="/tmp"))
     try:
         with bench_world(workdir) as bench:
+            if workload == "server":
+                import_image(bench.containerd, server_image_archive(python=sys.executable), SERVER_IMAGE_REF)
             for round_index in range(rounds):
                 for size in sizes:
                     for runtime in alternating(list(RUNTIMES), round_index + sizes.index(size)):
-                        samples.append(measure(bench, runtime, size, round_index, logs_dir))
+                        samples.append(measure(bench, runtime, size, round_index, logs_dir, workload))
     finally:
         with interrupts_deferred():
             shutil.rmtree(workdir, ignore_errors=True)
     payload = {"benchmark": "restore-anatomy", "stamp": stamp,
                "machine": {**machine, "load_average_at_end": list(os.getloadavg())},
-               "parameters": {"sizes_mib": list(sizes), "rounds": rounds, "logs": logs_dir.name},
+               "parameters": {"sizes_mib": list(sizes), "rounds": rounds, "workload": workload,
+                              "logs": logs_dir.name},
+               "phases": [{"runtime": s.runtime, "size_mib": s.size_mib, "round": s.round,
+                           "restore_s": restore_phases(s), "checkpoint_s": checkpoint_phases(s)}
+                          for s in samples],
                "samples": [asdict(s) for s in samples]}
+    print_phases(samples)
     publish_results(out_dir, "anatomy", payload, stamp)
     print(f"CRIU logs in {logs_dir}")
     return payload
@@ -305,10 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.restore_anatomy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="512,2048", help="memhold sizes in MiB (default 512,2048)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds per size and runtime (default 1)")
+    parser.add_argument("--workload", choices=("memhold", "server"), default="memhold",
+                        help="memhold (the checkpoint benchmark's) or the cold-start benchmark's model server")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     sizes = parse_sizes(parser, args.sizes)
-    return run_benchmark_main(lambda: run(sizes, max(1, args.rounds), args.out))
+    return run_benchmark_main(lambda: run(sizes, max(1, args.rounds), args.out, args.workload))
 
 
 if __name__ == "__main__":
