@@ -17,12 +17,14 @@ For each size and round, one checkpoint per runtime, then every restore path of 
 | cold, per runtime | `ctr run -d --net-host --runtime R IMAGE C python3 /srv/server.py ...` |
 | kybernate local, annotation | a new container with `io.kybernate.restore-from=NAME` (the Kubernetes golden-snapshot path) |
 | kybernate local, ctr | `ctr container restore --live C REF` |
-| kybernate S3 | as the annotation path, through a second agent (another node) that has only the bucket: it downloads, verifies, restores |
+| kybernate S3 | as the annotation path, through another agent (another node) that has only the bucket: it downloads, verifies, restores |
 | runc, ctr | `ctr container restore --live C REF` under io.containerd.runc.v2 (the baseline) |
 | kybernate lazy | not built yet: recorded as null |
 
 The checkpoint is `ctr container checkpoint --task C REF` (leave running) of the cold
-container once it has answered. Every restored server's first answer must be byte for
+container once it has answered. Sizes measured from S3 checkpoint through an agent with
+the remote tier configured, whose upload is awaited before any restore; the others
+through an agent without one, so no upload ever runs beside a measured restore. Every restored server's first answer must be byte for
 byte the answer its cold original gave (checked, recorded as `identical`); the two cold
 servers (one per runtime) must agree with each other too.
 
@@ -135,6 +137,10 @@ class Answered:
 def first_answer(containerd: Containerd, args: Sequence[str], port: int) -> Answered:
     """Run `ctr ARGS` and poll the port until the server answers; both timed from the
     moment ctr is started."""
+    with socket.socket() as probe:
+        # A server left over from the previous start would answer for this one.
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} is still served before ctr {' '.join(args[:3])}")
     process = subprocess.Popen(containerd.ctr_argv(*args), stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=containerd.environment())
