@@ -48,24 +48,31 @@ from pathlib import Path
 from typing import Any, Self
 
 from kybernate.sandbox.containerd import KYBERNATE_RUNTIME, Containerd
-from kybernate.sandbox.images import build_oci_archive, import_image
+from kybernate.sandbox.images import build_oci_archive
 
 from bench.common import (
+    CONTAINER_TOOLS,
     RESULTS_DIR,
+    FileKeeper,
     SchedTrace,
     Summary,
     Target,
+    alternating,
+    ctr_checked,
     interrupts_deferred,
     machine_info,
+    parse_sizes,
+    private_containerd_with_image,
+    publish_results,
     ratio,
     read_sched_trace,
+    remove_checkpoint_copies,
     remove_container,
+    run_benchmark_main,
     sched_events_recorded,
     static_c_binary,
-    termination_as_interrupt,
     thread_ids,
     utc_stamp,
-    write_results,
 )
 from tests.support.agent import AgentProcess, running_agent
 from tests.support.workloads import memhold_files
@@ -135,30 +142,12 @@ class FreezerPoller:
         return (self.stopped_at - self.started_at) / self.polls if self.polls else None
 
 
-class LogKeeper:
+class LogKeeper(FileKeeper):
     """Keeps the latest copy of CRIU's restore log while a restore runs: a failed
     restore's bundle (and the log in it) is deleted before ctr returns."""
 
     def __init__(self, candidates: Sequence[Path], period_s: float = 0.1) -> None:
-        self._candidates = candidates
-        self._period_s = period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._keep, name="log-keeper", daemon=True)
-        self.text = ""
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _keep(self) -> None:
-        while not self._stop.wait(self._period_s):
-            for path in self._candidates:
-                with contextlib.suppress(OSError):
-                    self.text = path.read_text(errors="replace")
+        super().__init__(lambda: candidates, period_s, name="log-keeper")
 
     def errors(self, limit: int = 12) -> list[str]:
         """CRIU's error lines, and the log's last lines, of the latest copy."""
@@ -233,11 +222,7 @@ class Bench:
         return int(status[1]) if len(status) == 3 and status[0] == "ok" else 0
 
     def ctr(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
-        result = self.containerd.ctr(*args, timeout=timeout)
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"ctr {' '.join(args[:3])} failed ({result.returncode}): {last}")
-        return result
+        return ctr_checked(self.containerd, *args, timeout=timeout)
 
     def checkpoint_layer(self, image_ref: str) -> tuple[str, int] | None:
         """(digest, size) of the CRIU layer of a checkpoint image in the content store."""
@@ -476,17 +461,7 @@ def _remove_everything(bench: Bench, container_id: str, checkpoint_ref: str) -> 
     lives on in four places."""
     with contextlib.suppress(Exception):
         remove_container(bench.containerd, container_id)
-    with contextlib.suppress(Exception):
-        bench.containerd.ctr("images", "rm", "--sync", checkpoint_ref, timeout=120)
-    with contextlib.suppress(Exception):
-        for directory in bench.committed_of(container_id):
-            shutil.rmtree(directory, ignore_errors=True)
-    # containerd 1.7 unpacks a checkpoint for a restore into XDG_RUNTIME_DIR and never
-    # removes it; ours points into the private containerd's base, and nothing else
-    # restores there meanwhile.
-    with contextlib.suppress(OSError):
-        for leftover in bench.containerd.runtime_dir.glob("ctrd-checkpoint*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    remove_checkpoint_copies(bench.containerd, checkpoint_ref, bench.committed_of(container_id))
 
 
 # ---- the machine's memory-touch rate --------------------------------------------------------
@@ -595,23 +570,13 @@ def bench_world(workdir: Path) -> Iterator[Bench]:
                                 extra_files={**memhold_files(), "/bin/heartbeat": heartbeat.read_bytes()})
     # The agent's local tier under /tmp, like containerd's checkpoint temp dirs: one
     # filesystem, so the agent's export into containerd's path can hard-link.
-    with running_agent(workdir, "bench") as agent:
-        containerd = Containerd()
-        try:
-            containerd.start()
-            import_image(containerd, archive, IMAGE_REF)
-            yield Bench(containerd=containerd, agent=agent, heartbeat=heartbeat, workdir=workdir)
-        finally:
-            with interrupts_deferred():
-                leftovers = containerd.stop()
-            if leftovers:
-                print(f"cleanup removed by force: {', '.join(leftovers)}", file=sys.stderr)
+    with running_agent(workdir, "bench") as agent, private_containerd_with_image(archive, IMAGE_REF) as containerd:
+        yield Bench(containerd=containerd, agent=agent, heartbeat=heartbeat, workdir=workdir)
 
 
 def run(sizes: Sequence[int], repeat: int, out_dir: Path) -> dict[str, Any]:
     stamp = utc_stamp()
-    machine = machine_info({"containerd": ["containerd", "--version"], "runc": ["runc", "--version"],
-                            "criu": ["criu", "--version"], "ctr": ["ctr", "--version"]})
+    machine = machine_info(CONTAINER_TOOLS)
     touchrate = static_c_binary(PROBES_DIR / "touchrate.c")
     rates = touch_rates(touchrate, TOUCH_RATE_MIB, 3)
     samples: list[Sample] = []
@@ -620,8 +585,7 @@ def run(sizes: Sequence[int], repeat: int, out_dir: Path) -> dict[str, Any]:
         with bench_world(workdir) as bench:
             for round_index in range(repeat):
                 for size in sizes:
-                    order = list(RUNTIMES) if (round_index + sizes.index(size)) % 2 == 0 else list(RUNTIMES)[::-1]
-                    for runtime in order:
+                    for runtime in alternating(list(RUNTIMES), round_index + sizes.index(size)):
                         sample = measure(bench, runtime, size, round_index)
                         samples.append(sample)
                         if sample.error is None:
@@ -650,9 +614,8 @@ def run(sizes: Sequence[int], repeat: int, out_dir: Path) -> dict[str, Any]:
         "failures": [asdict(s) for s in samples if s.error is not None],
         "agent_log_tail": agent_log_tail if samples else "",
     }
-    stamped, latest = write_results(out_dir, "checkpoint", payload, stamp)
     print_table(per_size, touch_rate)
-    print(f"\nwrote {stamped} and {latest}")
+    publish_results(out_dir, "checkpoint", payload, stamp)
     return payload
 
 
@@ -663,12 +626,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="rounds per size and runtime (default 3)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     args = parser.parse_args(argv)
-    try:
-        args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
-    if not args.sizes or any(s <= 0 for s in args.sizes):
-        parser.error("--sizes needs positive sizes")
+    args.sizes = parse_sizes(parser, args.sizes)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     return args
@@ -676,13 +634,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    with termination_as_interrupt():
-        try:
-            run(args.sizes, args.repeat, args.out)
-        except KeyboardInterrupt as interrupt:
-            print(f"interrupted ({interrupt}); everything was cleaned up", file=sys.stderr)
-            return 130
-    return 0
+    return run_benchmark_main(lambda: run(args.sizes, args.repeat, args.out))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Nothing here asserts on a measurement: benchmarks record, people judge.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import hashlib
@@ -14,17 +15,19 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -137,6 +140,18 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: The container stack's versions, for machine_info.
+CONTAINER_TOOLS: dict[str, Sequence[str]] = {
+    "containerd": ["containerd", "--version"], "runc": ["runc", "--version"],
+    "criu": ["criu", "--version"], "ctr": ["ctr", "--version"]}
+
+
+def alternating(items: Sequence[str], turn: int) -> list[str]:
+    """`items` in order on even turns, reversed on odd ones, so that drift of a shared
+    machine hits every runtime alike."""
+    return list(items) if turn % 2 == 0 else list(items)[::-1]
+
+
 # ---- results files -----------------------------------------------------------------
 
 
@@ -168,6 +183,12 @@ def write_results(out_dir: Path, prefix: str, payload: Mapping[str, Any],
     write_json_atomically(stamped, payload)
     write_json_atomically(latest, payload)
     return stamped, latest
+
+
+def publish_results(out_dir: Path, prefix: str, payload: Mapping[str, Any], stamp: str) -> None:
+    """write_results, and say where they went."""
+    stamped, latest = write_results(out_dir, prefix, payload, stamp)
+    print(f"\nwrote {stamped} and {latest}")
 
 
 # ---- process memory ----------------------------------------------------------------
@@ -477,22 +498,56 @@ def serving_shims(containerd: Containerd) -> list[ShimProcess]:
 
 
 @contextlib.contextmanager
-def private_containerd_with_busybox() -> Iterator[tuple[Containerd, str]]:
-    """A private containerd with the busybox test image imported; yields it and the
-    image reference. Stopped, with every container and shim of it, however the block
+def private_containerd_with_image(archive: Path, ref: str,
+                                  containerd: Containerd | None = None) -> Iterator[Containerd]:
+    """A started private containerd (or the given, unstarted one) with the OCI archive
+    imported as `ref`; stopped, with every container and shim of it, however the block
     ends (Ctrl-C included)."""
-    containerd = Containerd()
+    containerd = containerd or Containerd()
     try:
         containerd.start()
-        with tempfile.TemporaryDirectory(prefix="kyb-bench-img-") as scratch:
-            archive = build_oci_archive(Path(scratch) / "busybox-oci.tar")
-            image = import_image(containerd, archive)
-        yield containerd, image
+        import_image(containerd, archive, ref)
+        yield containerd
     finally:
         with interrupts_deferred():
             leftovers = containerd.stop()
         if leftovers:
             print(f"cleanup removed by force: {', '.join(leftovers)}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def private_containerd_with_busybox() -> Iterator[tuple[Containerd, str]]:
+    """A private containerd with the busybox test image imported; yields it and the
+    image reference."""
+    with tempfile.TemporaryDirectory(prefix="kyb-bench-img-") as scratch:
+        archive = build_oci_archive(Path(scratch) / "busybox-oci.tar")
+        with private_containerd_with_image(archive, BUSYBOX_IMAGE_REF) as containerd:
+            yield containerd, BUSYBOX_IMAGE_REF
+
+
+def ctr_checked(containerd: Containerd, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+    """ctr against our containerd; a failure raises RuntimeError with ctr's last line."""
+    result = containerd.ctr(*args, timeout=timeout)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"ctr {' '.join(args[:3])} failed ({result.returncode}): {last}")
+    return result
+
+
+def remove_checkpoint_copies(containerd: Containerd, checkpoint_ref: str,
+                             directories: Iterable[Path] = ()) -> None:
+    """A checkpoint's image (its content collected at once), the given directories (the
+    agents' committed copies) and containerd's unpacked restore copies: containerd 1.7
+    unpacks a checkpoint into XDG_RUNTIME_DIR for a restore and never removes it (ours
+    points into the private containerd's base, and nothing else restores there
+    meanwhile). A 2 GB checkpoint otherwise lives on in every one of these places."""
+    with contextlib.suppress(Exception):
+        containerd.ctr("images", "rm", "--sync", checkpoint_ref, timeout=300)
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        for leftover in containerd.runtime_dir.glob("ctrd-checkpoint*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def remove_container(containerd: Containerd, container_id: str) -> None:
@@ -503,29 +558,100 @@ def remove_container(containerd: Containerd, container_id: str) -> None:
     containerd.ctr("containers", "rm", container_id, timeout=30)
 
 
+# ---- files that vanish, and the command line ---------------------------------------------
+
+
+class FileKeeper:
+    """Keeps the longest text seen of the files `paths()` names, polled on a thread
+    while a command runs: CRIU's logs live in directories that the command itself may
+    remove before it returns (a failed restore's bundle, the agent's work directory of
+    a committed checkpoint)."""
+
+    def __init__(self, paths: Callable[[], Iterable[Path]], period_s: float = 0.05,
+                 name: str = "file-keeper") -> None:
+        self._paths = paths
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name=name, daemon=True)
+        self.text = ""
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._look()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self._period_s):
+            self._look()
+
+    def _look(self) -> None:
+        with contextlib.suppress(OSError):
+            for path in self._paths():
+                with contextlib.suppress(OSError):
+                    text = path.read_text(errors="replace")
+                    if len(text) >= len(self.text):
+                        self.text = text
+
+
+def parse_sizes(parser: argparse.ArgumentParser, text: str, option: str = "--sizes") -> list[int]:
+    """Comma-separated positive integers, or the parser's usage error."""
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"{option} must be comma-separated integers, got {text!r}")
+    if not sizes or any(s <= 0 for s in sizes):
+        parser.error(f"{option} needs positive sizes")
+    return sizes
+
+
+def run_benchmark_main(run: Callable[[], object]) -> int:
+    """Run a benchmark with SIGTERM and SIGHUP treated as Ctrl-C; its cleanup has run
+    by the time an interrupt is reported (exit 130)."""
+    with termination_as_interrupt():
+        try:
+            run()
+        except KeyboardInterrupt as interrupt:
+            print(f"interrupted ({interrupt}); everything was cleaned up", file=sys.stderr)
+            return 130
+    return 0
+
+
 __all__ = [
     "BUSYBOX_IMAGE_REF",
+    "CONTAINER_TOOLS",
     "RESULTS_DIR",
+    "FileKeeper",
     "ProcessMemory",
     "ProcessSpan",
     "SchedTrace",
     "ShimProcess",
     "Summary",
     "Target",
+    "alternating",
     "command_version",
+    "ctr_checked",
     "descendants",
     "flag_value",
     "interrupts_deferred",
     "machine_info",
+    "parse_sizes",
     "percentile",
     "private_containerd_with_busybox",
+    "private_containerd_with_image",
+    "publish_results",
     "ratio",
     "read_cmdline",
     "read_process_memory",
     "read_sched_trace",
     "read_smaps_rollup",
     "read_thread_count",
+    "remove_checkpoint_copies",
     "remove_container",
+    "run_benchmark_main",
     "sched_events_recorded",
     "serving_shims",
     "static_c_binary",
