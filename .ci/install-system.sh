@@ -1,19 +1,76 @@
 #!/usr/bin/env bash
 # Installs the system stack Kybernate's tests need on a fresh Debian 12 machine:
 # containerd 1.7 and runc from trixie, CRIU 4.2 from sid (see shared/ENVIRONMENT.md
-# for why each comes from where), busybox-static for test images, and containerd's
-# own .proto files for the wire-compatibility test. Idempotent.
+# for why each comes from where), busybox-static for test images; and, unpacked into
+# /opt/kybernate without touching the system's packages, containerd 2.x from sid (so
+# that both containerd lines run on one machine), the .proto files of each supported
+# containerd for the wire-compatibility test, and the CRI API for the CRI test client.
+# Idempotent.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
+PREFIX=/opt/kybernate
+CONTAINERD2=$PREFIX/containerd-2     # usr/bin/{containerd,ctr,containerd-shim-runc-v2}
+UPSTREAM=$PREFIX/upstream            # one directory per source, each with a PACKAGES list
+# What each upstream directory unpacks: the packages containerd was built from.
+# containerd 1.7 (trixie): its API protos, cgroups v3 metrics, ttrpc 1.2.
+UPSTREAM_17="golang-github-containerd-containerd-dev/trixie golang-github-containerd-cgroups-dev/trixie golang-github-containerd-ttrpc-dev/trixie"
+# containerd 2.x (sid): the API moved into its own package.
+UPSTREAM_2="golang-github-containerd-containerd-api-dev/sid golang-github-containerd-containerd-dev/sid golang-github-containerd-cgroups-dev/sid golang-github-containerd-ttrpc-dev/sid"
+# What no containerd package carries whole: CRIU's RPC as go-criu has it, and
+# google.rpc.Status (ttrpc ships only a stub of it); bookworm's, a frozen release.
+UPSTREAM_COMMON="golang-github-checkpoint-restore-go-criu-dev/bookworm golang-github-gogo-googleapis-dev/bookworm golang-github-gogo-protobuf-dev/bookworm"
+# The CRI API (runtime.v1) that kubelet speaks.
+UPSTREAM_CRI="golang-k8s-cri-api-dev/sid"
+
 criu_ok() { command -v criu >/dev/null && criu --version 2>/dev/null | grep -qE 'Version: 4\.([2-9]|[1-9][0-9])'; }
-have_all() {
+# sid moves on and drops superseded versions: accept any 2.x from 2.1 on, as for criu.
+containerd2_ok() {
+  [ -x "$CONTAINERD2/usr/bin/containerd" ] && [ -x "$CONTAINERD2/usr/bin/ctr" ] \
+    && "$CONTAINERD2/usr/bin/containerd" --version 2>/dev/null | grep -qE ' 2\.([1-9]|[1-9][0-9])\.'
+}
+# An unpacked directory is complete once its PACKAGES list (written last) names all
+# the packages it should hold.
+unpacked_ok() {  # DIR PKG/SUITE...
+  local dir=$1 spec; shift
+  [ -f "$dir/PACKAGES" ] || return 1
+  for spec in "$@"; do grep -q "^${spec%%/*} " "$dir/PACKAGES" || return 1; done
+}
+have_system() {
   criu_ok && command -v containerd >/dev/null && command -v runc >/dev/null \
     && command -v busybox >/dev/null && command -v iptables-restore >/dev/null \
-    && [ -d /usr/share/gocode/src/github.com/containerd/containerd/api ] \
+    && command -v gcc >/dev/null \
     && /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null
 }
-if have_all; then
+have_unpacked() {
+  containerd2_ok \
+    && unpacked_ok "$UPSTREAM/containerd-1.7" $UPSTREAM_17 \
+    && unpacked_ok "$UPSTREAM/containerd-2" $UPSTREAM_2 \
+    && unpacked_ok "$UPSTREAM/common" $UPSTREAM_COMMON \
+    && unpacked_ok "$UPSTREAM/cri-api" $UPSTREAM_CRI
+}
+
+# unpack DIR PKG/SUITE...: `apt-get download` the packages and `dpkg -x` them into DIR,
+# replacing what was there; nothing is installed, so the system's packages never move.
+# Several checkouts may run this at once: each unpacks aside and renames into place.
+unpack() {
+  local dir=$1 scratch staged deb; shift
+  unpacked_ok "$dir" "$@" && return 0
+  mkdir -p "$(dirname "$dir")"
+  scratch=$(mktemp -d)
+  chown _apt "$scratch" 2>/dev/null || true   # apt downloads as _apt where it can
+  (cd "$scratch" && apt-get download -q "$@")
+  staged=$(mktemp -d "$dir.new.XXXXXX")
+  for deb in "$scratch"/*.deb; do
+    dpkg-deb -x "$deb" "$staged"
+    printf '%s %s\n' "$(dpkg-deb -f "$deb" Package)" "$(dpkg-deb -f "$deb" Version)" >> "$staged/PACKAGES.tmp"
+  done
+  mv "$staged/PACKAGES.tmp" "$staged/PACKAGES"
+  chmod 755 "$staged"
+  rm -rf "$scratch" "$dir"
+  mv -T "$staged" "$dir" 2>/dev/null || rm -rf "$staged"   # another run was first
+}
+if have_system && have_unpacked; then
   echo "install-system: everything already present"
   exit 0
 fi
@@ -29,18 +86,30 @@ if [ ! -f /etc/apt/sources.list.d/trixie-sid.sources ]; then
 fi
 APT="apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
 apt-get update -q
-# bookworm's: never -t trixie for these (it would remove gdb and more)
-$APT iptables iproute2 tar gzip busybox-static
-# Debian's own Python runs the shim: it starts about 3x faster than a pyenv build
-# (measured: 21 vs 61 ms for `python -I -c pass`), and every container pays two starts.
-$APT python3 python3-venv
-$APT -t trixie containerd runc criu
-$APT criu/sid
-# containerd's own .proto files, for the field-by-field wire test (bookworm's is 1.6,
-# whose task v2 and events protos match 1.7's field for field)
-$APT golang-github-containerd-containerd-dev
+# The system part runs only where something is missing: a second `-t trixie` pass
+# would move any installed golang-*-dev package (and what depends on it) to trixie.
+if ! have_system; then
+  # bookworm's: never -t trixie for these (it would remove gdb and more)
+  $APT iptables iproute2 tar gzip busybox-static
+  # Debian's own Python runs the shim: it starts about 3x faster than a pyenv build
+  # (measured: 21 vs 61 ms for `python -I -c pass`), and every container pays two starts.
+  $APT python3 python3-venv
+  $APT -t trixie containerd runc criu
+  $APT criu/sid
+  # gcc builds the static pause binary of the CRI tests' sandbox image; libc6-dev must
+  # match the trixie libc6 installed above.
+  command -v gcc >/dev/null || $APT gcc libc6-dev/trixie
+fi
+# containerd 2.x beside the system's 1.7: unpacked, run with its own private config.
+containerd2_ok || { rm -rf "$CONTAINERD2"; unpack "$CONTAINERD2" containerd/sid; }
+unpack "$UPSTREAM/containerd-1.7" $UPSTREAM_17
+unpack "$UPSTREAM/containerd-2" $UPSTREAM_2
+unpack "$UPSTREAM/common" $UPSTREAM_COMMON
+unpack "$UPSTREAM/cri-api" $UPSTREAM_CRI
 criu --version
 criu_ok || { echo "install-system: criu is older than 4.2" >&2; exit 1; }
 containerd --version
+containerd2_ok || { echo "install-system: no containerd 2.1 or newer in $CONTAINERD2" >&2; exit 1; }
+"$CONTAINERD2/usr/bin/containerd" --version
 runc --version
 criu check
