@@ -1,14 +1,20 @@
-"""A private containerd 1.7, beside anything else on the machine: for the demo and the tests.
+"""A private containerd, beside anything else on the machine: for the demo and the tests.
 
 Everything it owns lives under one temporary directory (root, state, sockets, config)
 plus a unique namespace, so parallel sessions never meet. The Kybernate shim is found
 the way containerd finds any shim: by name on PATH, with this interpreter's bin
 directory first.
+
+Two containerd lines can run it (`ContainerdRelease`): the system's 1.7 (config
+version 2) and the 2.x that `.ci/install-system.sh` unpacks into /opt/kybernate
+(config version 3). `KYBERNATE_CONTAINERD` (`1.7` or `2`) picks the default. The CRI
+plugin stays disabled unless `CriSettings` ask for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -17,23 +23,116 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 KYBERNATE_RUNTIME = "io.containerd.kybernate.v1"
 RUNC_STATE_BASE = Path("/run/containerd/runc")
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
 
-# Plugins a test never needs; CRI above all (it would want CNI and pull images).
+# Plugins a test never needs. NRI would listen on one socket shared by every
+# containerd of the machine (2.x enables it by default).
 DISABLED_PLUGINS = (
-    "io.containerd.grpc.v1.cri",
+    "io.containerd.nri.v1.nri",
     "io.containerd.snapshotter.v1.aufs",
     "io.containerd.snapshotter.v1.btrfs",
     "io.containerd.snapshotter.v1.zfs",
     "io.containerd.snapshotter.v1.devmapper",
     "io.containerd.snapshotter.v1.blockfile",
+    "io.containerd.snapshotter.v1.erofs",
+    "io.containerd.differ.v1.erofs",
     "io.containerd.tracing.processor.v1.otlp",
     "io.containerd.internal.v1.tracing",
 )
+# The CRI plugins (1.7 has one, 2.x splits it in four), disabled unless asked for:
+# CRI wants CNI, pulls images and keeps its own state.
+CRI_PLUGINS = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.cri.v1.runtime",
+    "io.containerd.cri.v1.images",
+    "io.containerd.podsandbox.controller.v1.podsandbox",
+)
+#: The containerd namespace CRI keeps Kubernetes' containers and images in.
+CRI_NAMESPACE = "k8s.io"
+#: Chooses the default containerd line: a `ContainerdRelease` name.
+ENV_CONTAINERD = "KYBERNATE_CONTAINERD"
+#: Where `.ci/install-system.sh` unpacks containerd 2.x (Debian sid's package).
+CONTAINERD_2_PREFIX = Path("/opt/kybernate/containerd-2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerdRelease:
+    """One installed containerd line: its binaries and the config version it reads."""
+
+    name: str
+    #: Directory of containerd, ctr and containerd-shim-runc-v2; None: found on PATH.
+    bin_dir: Path | None
+    config_version: int
+
+    @property
+    def containerd(self) -> str:
+        return str(self.bin_dir / "containerd") if self.bin_dir else "containerd"
+
+    @property
+    def ctr(self) -> str:
+        return str(self.bin_dir / "ctr") if self.bin_dir else "ctr"
+
+    def missing(self) -> list[str]:
+        """The binaries of this release that are not installed."""
+        if self.bin_dir is None:
+            return [tool for tool in ("containerd", "ctr") if shutil.which(tool) is None]
+        return [str(self.bin_dir / tool) for tool in ("containerd", "ctr")
+                if not os.access(self.bin_dir / tool, os.X_OK)]
+
+    def version(self) -> str:
+        """`containerd --version`, e.g. "containerd github.com/containerd/containerd/v2 2.1.9"."""
+        return subprocess.run([self.containerd, "--version"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+
+
+#: The system's containerd (trixie's 1.7.24 on these machines).
+CONTAINERD_1_7 = ContainerdRelease("1.7", None, config_version=2)
+#: containerd 2.x (sid's 2.1.9 today), unpacked beside the system's.
+CONTAINERD_2 = ContainerdRelease("2", CONTAINERD_2_PREFIX / "usr" / "bin", config_version=3)
+RELEASES = {release.name: release for release in (CONTAINERD_1_7, CONTAINERD_2)}
+
+
+def release_named(name: str) -> ContainerdRelease:
+    try:
+        return RELEASES[name]
+    except KeyError:
+        raise ValueError(f"unknown containerd release {name!r}: want one of "
+                         f"{', '.join(RELEASES)}") from None
+
+
+def default_release(environ: Mapping[str, str] | None = None) -> ContainerdRelease:
+    """The release `KYBERNATE_CONTAINERD` names; the system's 1.7 when unset."""
+    env = os.environ if environ is None else environ
+    return release_named(env.get(ENV_CONTAINERD) or CONTAINERD_1_7.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class CriRuntime:
+    """A CRI runtime handler: what a RuntimeClass names, the shim it runs, its options.
+
+    `options` become the handler's options table; for a runtime type that is not
+    io.containerd.runc.*, CRI hands them to the shim as runtimeoptions.v1.Options."""
+
+    handler: str
+    runtime_type: str
+    options: Mapping[str, str | bool | int] = dataclasses.field(default_factory=dict)
+    #: Annotation patterns CRI passes from the pod and container configs to the spec.
+    annotations: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CriSettings:
+    """What a CRI-enabled private containerd needs (see ENVIRONMENT.md)."""
+
+    sandbox_image: str
+    runtimes: tuple[CriRuntime, ...]
+    #: The cgroup parent every pod of the instance uses: removed at stop.
+    cgroup_parent: str
 
 
 def _kybernate_shim_action(argv: list[bytes]) -> str | None:
@@ -53,38 +152,82 @@ class ContainerdError(AssertionError):
     """The private containerd did not come up or misbehaved; carries its log tail."""
 
 
+def cgroups_named(path: str) -> list[Path]:
+    """The cgroup at `path` in every mounted hierarchy (one on cgroup v2), where it exists."""
+    root = Path("/sys/fs/cgroup")
+    relative = path.strip("/")
+    if (root / "cgroup.controllers").exists():
+        candidates = [root / relative]
+    else:
+        candidates = [h / relative for h in root.iterdir() if not h.is_symlink()]
+    return [c for c in candidates if c.is_dir()]
+
+
+def _remove_cgroup_tree(top: Path) -> list[str]:
+    """Remove the cgroups below `top`, deepest first, then `top`; the ones below, which
+    something should have removed already."""
+    forced = []
+    for child in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if child.is_dir():
+            forced.append(f"cgroup {child}")
+            with contextlib.suppress(OSError):
+                child.rmdir()
+    with contextlib.suppress(OSError):
+        top.rmdir()
+    return forced
+
+
 def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml_value(value: str | bool | int) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return _toml_string(value)
 
 
 class Containerd:
     """One private containerd process and the ctr command line that talks to it."""
 
-    def __init__(self, base: Path | None = None, namespace: str | None = None) -> None:
+    def __init__(self, base: Path | None = None, namespace: str | None = None, *,
+                 release: ContainerdRelease | None = None, cri: CriSettings | None = None) -> None:
+        self.release = release or default_release()
+        self.cri = cri
         # Unix socket paths are limited to 108 bytes: keep the base short.
         self.base = base or Path(tempfile.mkdtemp(prefix=f"kyb-ctd-{os.getpid()}-", dir="/tmp"))
-        self.namespace = namespace or f"kyb-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        if cri is not None and namespace not in (None, CRI_NAMESPACE):
+            raise ValueError(f"a CRI containerd keeps its containers in {CRI_NAMESPACE}")
+        self.namespace = CRI_NAMESPACE if cri is not None else (
+            namespace or f"kyb-test-{os.getpid()}-{uuid.uuid4().hex[:6]}")
         self.root = self.base / "root"
         self.state = self.base / "state"
         self.address = str(self.base / "c.sock")
         self.config = self.base / "config.toml"
         self.log_path = self.base / "containerd.log"
         self.runtime_dir = self.base / "xdg"
+        # CRI's runc state and CNI directories: private, so instances never share them.
+        self.private_runc_root = self.base / "runc"
+        self.cni_conf_dir = self.base / "cni" / "net.d"
+        self.cni_bin_dir = self.base / "cni" / "bin"
         self._process: subprocess.Popen[bytes] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self, ready_timeout: float = 30.0) -> None:
-        for tool in ("containerd", "ctr", "runc"):
-            if shutil.which(tool) is None:
-                raise ContainerdError(f"{tool} is not installed (run .ci/setup)")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.state.mkdir(parents=True, exist_ok=True)
-        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        missing = self.release.missing() + ([] if shutil.which("runc") else ["runc"])
+        if missing:
+            raise ContainerdError(f"containerd {self.release.name}: {', '.join(missing)} "
+                                  "not installed (run .ci/setup)")
+        for directory in (self.root, self.state, self.runtime_dir, self.cni_conf_dir,
+                          self.cni_bin_dir):
+            directory.mkdir(parents=True, exist_ok=True)
         self.config.write_text(self._config_text())
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                ["containerd", "--config", str(self.config), "--root", str(self.root),
+                [self.release.containerd, "--config", str(self.config), "--root", str(self.root),
                  "--state", str(self.state), "--address", self.address, "--log-level", "debug"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.environment(),
                 start_new_session=True)
@@ -107,6 +250,7 @@ class Containerd:
         forced += self._delete_leftover_runc_containers()
         forced += self._unmount_under(self.base)
         forced += self._remove_namespace_cgroups()
+        forced += self._remove_cri_cgroups()
         shutil.rmtree(self.base, ignore_errors=True)
         return forced
 
@@ -121,8 +265,11 @@ class Containerd:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        bin_dir = os.path.dirname(sys.executable)
-        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+        # Our shim first; then the release's own runc shim, which matches its containerd.
+        first = [os.path.dirname(sys.executable)]
+        if self.release.bin_dir is not None:
+            first.append(str(self.release.bin_dir))
+        env["PATH"] = os.pathsep.join([*first, env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
         # containerd unpacks checkpoints for restores into XDG_RUNTIME_DIR (default /tmp)
         # and leaves them there: keep them under our base, which stop() removes.
         env["XDG_RUNTIME_DIR"] = str(self.runtime_dir)
@@ -131,7 +278,7 @@ class Containerd:
     # ---- ctr -------------------------------------------------------------------------
 
     def ctr_argv(self, *args: str) -> list[str]:
-        return ["ctr", "--address", self.address, "--namespace", self.namespace, *args]
+        return [self.release.ctr, "--address", self.address, "--namespace", self.namespace, *args]
 
     def ctr(self, *args: str, input: bytes | str | None = None, timeout: float = 60.0,
             check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -200,7 +347,10 @@ class Containerd:
                 if _kybernate_shim_action(argv) == "template"]
 
     def runc_root(self) -> Path:
-        return RUNC_STATE_BASE / self.namespace
+        """Where runc keeps this instance's containers: CRI's handlers are configured
+        with a private root, ctr's containers use runc's shim default."""
+        base = self.private_runc_root if self.cri is not None else RUNC_STATE_BASE
+        return base / self.namespace
 
     def mounts_under(self, *prefixes: Path) -> list[str]:
         found = []
@@ -214,32 +364,79 @@ class Containerd:
     # ---- internals -------------------------------------------------------------------
 
     def _config_text(self) -> str:
-        disabled = ", ".join(_toml_string(p) for p in DISABLED_PLUGINS)
-        return (
-            "version = 2\n"
-            f"root = {_toml_string(str(self.root))}\n"
-            f"state = {_toml_string(str(self.state))}\n"
-            f"disabled_plugins = [{disabled}]\n"
-            "[grpc]\n"
-            f"  address = {_toml_string(self.address)}\n"
-            "[ttrpc]\n"
-            f"  address = {_toml_string(self.address + '.ttrpc')}\n"
-            "[debug]\n"
-            "  address = \"\"\n"
-            "  level = \"debug\"\n"
-            "[metrics]\n"
-            "  address = \"\"\n"
-            "[plugins]\n"
-            "  [plugins.\"io.containerd.internal.v1.opt\"]\n"
-            f"    path = {_toml_string(str(self.root / 'opt'))}\n"
-        )
+        disabled = DISABLED_PLUGINS + (CRI_PLUGINS if self.cri is None else ())
+        opt = "io.containerd.internal.v1.opt"
+        lines = [
+            f"version = {self.release.config_version}",
+            f"root = {_toml_string(str(self.root))}",
+            f"state = {_toml_string(str(self.state))}",
+            f"disabled_plugins = [{', '.join(_toml_string(p) for p in disabled)}]",
+            "[grpc]",
+            f"  address = {_toml_string(self.address)}",
+            "[ttrpc]",
+            f"  address = {_toml_string(self.address + '.ttrpc')}",
+            "[debug]",
+            '  address = ""',
+            '  level = "debug"',
+            "[metrics]",
+            '  address = ""',
+            f"[plugins.{_toml_string(opt)}]",
+            f"  path = {_toml_string(str(self.root / 'opt'))}",
+        ]
+        if self.cri is not None:
+            lines += self._cri_config_lines(self.cri)
+        return "\n".join(lines) + "\n"
+
+    def _cri_config_lines(self, cri: CriSettings) -> list[str]:
+        """The CRI plugin's settings, where each config version keeps them: 1.7 has one
+        plugin (`io.containerd.grpc.v1.cri`), 2.x splits runtime and images off it."""
+        if self.release.config_version >= 3:
+            runtime = _toml_string("io.containerd.cri.v1.runtime")
+            images = _toml_string("io.containerd.cri.v1.images")
+            server = _toml_string("io.containerd.grpc.v1.cri")
+            image_lines = [f"[plugins.{images}.pinned_images]",
+                           f"  sandbox = {_toml_string(cri.sandbox_image)}"]
+            cni_bin = f"  bin_dirs = [{_toml_string(str(self.cni_bin_dir))}]"
+        else:
+            runtime = images = server = _toml_string("io.containerd.grpc.v1.cri")
+            image_lines = []
+            cni_bin = f"  bin_dir = {_toml_string(str(self.cni_bin_dir))}"
+        lines = [
+            f"[plugins.{server}]",
+            "  disable_tcp_service = true",
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            *([f"  sandbox_image = {_toml_string(cri.sandbox_image)}"] if server == images else []),
+            *image_lines,
+            *([f"[plugins.{runtime}]"] if runtime != server else []),
+            # These VMs lack CAP_SYS_RESOURCE for lowering oom_score_adj below containerd's.
+            "  restrict_oom_score_adj = true",
+            "  enable_cdi = false",
+            "  disable_apparmor = true",
+            f"[plugins.{runtime}.cni]",
+            cni_bin,
+            f"  conf_dir = {_toml_string(str(self.cni_conf_dir))}",
+            f"[plugins.{runtime}.containerd]",
+            f"  default_runtime_name = {_toml_string(cri.runtimes[0].handler)}",
+        ]
+        for handler in cri.runtimes:
+            table = f"plugins.{runtime}.containerd.runtimes.{_toml_string(handler.handler)}"
+            lines += [f"[{table}]", f"  runtime_type = {_toml_string(handler.runtime_type)}"]
+            if handler.annotations:
+                patterns = ", ".join(_toml_string(a) for a in handler.annotations)
+                lines += [f"  pod_annotations = [{patterns}]",
+                          f"  container_annotations = [{patterns}]"]
+            if handler.options:
+                lines.append(f"[{table}.options]")
+                lines += [f"  {key} = {_toml_value(value)}" for key, value in handler.options.items()]
+        return lines
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.running:
                 raise ContainerdError(f"containerd exited at start:\n{self.log_tail()}")
-            probe = subprocess.run(["ctr", "--address", self.address, "version"],
+            probe = subprocess.run([self.release.ctr, "--address", self.address, "version"],
                                    capture_output=True, timeout=10, check=False)
             if probe.returncode == 0:
                 return
@@ -314,23 +511,21 @@ class Containerd:
 
     def namespace_cgroups(self) -> list[Path]:
         """ctr puts containers at cgroup /<namespace>/<id>: these are the parents."""
-        root = Path("/sys/fs/cgroup")
-        if (root / "cgroup.controllers").exists():
-            candidates = [root / self.namespace]
-        else:
-            candidates = [h / self.namespace for h in root.iterdir() if not h.is_symlink()]
-        return [c for c in candidates if c.is_dir()]
+        return cgroups_named(self.namespace)
 
     def _remove_namespace_cgroups(self) -> list[str]:
         forced = []
         for cgroup in self.namespace_cgroups():
-            for child in sorted(cgroup.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-                if child.is_dir():
-                    forced.append(f"cgroup {child}")
-                    with contextlib.suppress(OSError):
-                        child.rmdir()
-            with contextlib.suppress(OSError):
-                cgroup.rmdir()
+            forced += _remove_cgroup_tree(cgroup)
+        return forced
+
+    def _remove_cri_cgroups(self) -> list[str]:
+        """The pods' cgroup parent, in every hierarchy (what CRI left of it)."""
+        if self.cri is None:
+            return []
+        forced = []
+        for parent in cgroups_named(self.cri.cgroup_parent):
+            forced += _remove_cgroup_tree(parent)
         return forced
 
     def _unmount_under(self, base: Path) -> list[str]:
