@@ -96,12 +96,16 @@ class PtyProcess:
             except OSError:  # EIO: the other side is gone
                 time.sleep(wait)
 
-    def poke_until(self, pattern: bytes, poke: bytes, timeout: float = 20.0) -> None:
-        """Write `poke` every half second until `pattern` shows up in the output."""
+    def poke_until(self, pattern: bytes, poke: bytes, timeout: float = 20.0,
+                   signal_each_time: int | None = None) -> None:
+        """Write `poke` (after sending `signal_each_time` to the process, if given) every
+        half second until `pattern` shows up in the output."""
         deadline = time.monotonic() + timeout
         start = len(self.output)
         while pattern not in self.output[start:]:
             assert time.monotonic() < deadline, f"{pattern!r} never came; got {self.output!r}"
+            if signal_each_time is not None:
+                self.process.send_signal(signal_each_time)
             self.write(poke)
             end = time.monotonic() + 0.5
             while time.monotonic() < end and pattern not in self.output[start:]:
@@ -175,8 +179,9 @@ def test_terminal_output_and_resize(ctd: Containerd, new_id, on_pty) -> None:
     proc.poke_until(b"30 90", b"\r")
     proc.read_until(b"/dev/")  # `tty` names the terminal: /dev/pts/N or /dev/console
     proc.resize(50, 120)
-    proc.process.send_signal(signal.SIGWINCH)  # what the terminal does on a resize
-    proc.poke_until(b"50 120", b"\r")
+    # What the terminal does on a resize. Again until it shows: ctr starts watching for
+    # SIGWINCH only after the task started, so the first one may come too early.
+    proc.poke_until(b"50 120", b"\r", signal_each_time=signal.SIGWINCH)
     proc.write(b"q\r")
     assert proc.wait() == 3
 
