@@ -10,6 +10,10 @@ it by, and what makes protoc emit ``from kybernate.protos import X_pb2`` imports
 work inside the package. gRPC stubs are emitted only for the protos that serve over
 grpcio (the node agent); the ttrpc services are dispatched by hand.
 
+Task API v3 (`containerd.task.v3`, which containerd 2.x prefers) is v2 under another
+package name, as containerd itself made it: its module is generated from shim.proto
+with the package renamed (DERIVED_PROTOS), so the definition is written once.
+
 Needs grpcio-tools (a test/development dependency, never imported at runtime).
 """
 
@@ -29,6 +33,26 @@ PACKAGE_PATH = Path("kybernate", "protos")
 # Protos whose services are served with grpcio and so get *_pb2_grpc.py stubs.
 GRPC_PROTOS = frozenset({"agent.proto"})
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+
+@dataclass(frozen=True)
+class DerivedProto:
+    """A .proto made at generation from another by renaming its package."""
+
+    source: str
+    package: str
+    renamed: str
+
+    def text(self, source_text: str, name: str) -> str:
+        line = f"package {self.package};"
+        if source_text.count(line) != 1:
+            raise GenerationError(f"{self.source} must declare `{line}` once to derive {name}")
+        return source_text.replace(line, f"package {self.renamed};")
+
+
+DERIVED_PROTOS = {
+    "shim_v3.proto": DerivedProto("shim.proto", "containerd.task.v2", "containerd.task.v3"),
+}
 
 
 class GenerationError(RuntimeError):
@@ -88,11 +112,17 @@ def generate_into(out_dir: Path, protos_dir: Path = PROTOS_DIR) -> list[str]:
         staged.mkdir(parents=True)
         for source in sources:
             shutil.copyfile(source, staged / source.name)
+        names = [s.name for s in sources]
+        for name, derived in DERIVED_PROTOS.items():
+            if derived.source in names:
+                source_text = (protos_dir / derived.source).read_text()
+                (staged / name).write_text(derived.text(source_text, name))
+                names.append(name)
         generated_root = scratch_dir / "out"
         generated_root.mkdir()
         common = [f"-I{scratch_dir / 'src'}", f"-I{_well_known_include()}"]
-        plain = [str(PACKAGE_PATH / s.name) for s in sources if s.name not in GRPC_PROTOS]
-        grpc = [str(PACKAGE_PATH / s.name) for s in sources if s.name in GRPC_PROTOS]
+        plain = [str(PACKAGE_PATH / n) for n in sorted(names) if n not in GRPC_PROTOS]
+        grpc = [str(PACKAGE_PATH / n) for n in sorted(names) if n in GRPC_PROTOS]
         if plain:
             _run_protoc(
                 [*common, f"--python_out={generated_root}", f"--pyi_out={generated_root}", *plain]

@@ -35,7 +35,14 @@ from kybernate.errors import (
     NotFound,
     Unimplemented,
 )
-from kybernate.protos import events_pb2, runc_options_pb2, shim_pb2, task_types_pb2, typeurl
+from kybernate.protos import (
+    events_pb2,
+    runc_options_pb2,
+    shim_pb2,
+    shim_v3_pb2,
+    task_types_pb2,
+    typeurl,
+)
 from kybernate.runtime.container import Container, ProcessSettings
 from kybernate.runtime.process import (
     ExecProcess,
@@ -63,8 +70,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "containerd.task.v2.Task"
-#: ConnectResponse.version: the task API version this shim speaks.
-TASK_API_VERSION = "2"
+SERVICE_NAME_V3 = shim_v3_pb2.DESCRIPTOR.services_by_name["Task"].full_name
+#: ConnectResponse.version by the service a call came in on: the API version spoken.
+TASK_API_VERSIONS = {SERVICE_NAME: "2", SERVICE_NAME_V3: "3"}
 
 _STATUS = {
     ProcessState.CREATED: task_types_pb2.CREATED,
@@ -179,7 +187,12 @@ class TaskService:
     # -- wiring ---------------------------------------------------------------------
 
     def register(self, server: TtrpcServer) -> None:
-        """Route every Task RPC of `server` to this service."""
+        """Route every Task RPC of `server`, in task API v2 and v3, to this service.
+
+        containerd 1.7 calls v2; 2.x calls v3 when `start` said so (bootstrap.py), v2
+        otherwise. v3's messages are v2's field for field under another package name
+        (test_protos checks both against containerd's), so v3 payloads decode with the
+        v2 classes and one set of handlers serves both."""
         methods: dict[str, tuple[type[Message], Callable[..., Awaitable[Message]]]] = {
             "State": (shim_pb2.StateRequest, self.state),
             "Create": (shim_pb2.CreateTaskRequest, self.create),
@@ -201,6 +214,13 @@ class TaskService:
         }
         for method, (request_type, handler) in methods.items():
             server.register(SERVICE_NAME, method, request_type, handler)
+        v3 = shim_v3_pb2.DESCRIPTOR.services_by_name["Task"]
+        for rpc in v3.methods:
+            request_type, handler = methods[rpc.name]
+            if rpc.input_type.name != request_type.DESCRIPTOR.name:
+                raise TypeError(f"task API v3 {rpc.name} takes {rpc.input_type.full_name}, "
+                                f"not a {request_type.DESCRIPTOR.name}")
+            server.register(v3.full_name, rpc.name, request_type, handler)
 
     async def close(self) -> None:
         """Stop consuming exits (the shim is going away)."""
@@ -433,9 +453,10 @@ class TaskService:
                       ctx: CallContext | None = None) -> shim_pb2.ConnectResponse:
         # containerd asks before it knows whether the task exists: 0, not an error.
         container = self._containers.get(request.id)
+        version = TASK_API_VERSIONS.get(ctx.service, "2") if ctx is not None else "2"
         return shim_pb2.ConnectResponse(shim_pid=os.getpid(),
                                         task_pid=container.pid if container else 0,
-                                        version=TASK_API_VERSION)
+                                        version=version)
 
     # -- exits ------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 containerd runs `start` in the bundle directory, reads everything it prints on stdout
 and stderr until both reach end of file, and connects to the printed address. So the
-serving process must hold neither pipe, and nothing but the address may be printed.
+serving process must hold neither pipe, and nothing but the address (or, to containerd
+2.x, the bootstrap parameters naming task API v3: see bootstrap.py) may be printed.
 
 Kept import-light on purpose (every container start pays for it): os, socket, hashlib,
 json (no pathlib, no typing); protobuf only when containerd sent create options on stdin.
@@ -227,7 +228,15 @@ def join_own_cgroups(pid: int) -> None:
 
 
 def start(flags: ShimFlags) -> str:
-    """Run the `start` action; returns the address containerd should connect to."""
+    """Run the `start` action; returns what to print: the address containerd should
+    connect to, in the form the containerd that runs us (our parent) reads best."""
+    from kybernate.shim.bootstrap import preferred_task_api, start_output
+
+    return start_output(serve_group(flags), preferred_task_api(os.getppid()))
+
+
+def serve_group(flags: ShimFlags) -> str:
+    """Make sure a serving process listens for this container's group; its address."""
     if not flags.id:
         raise ValueError("-id is required for start")
     if not flags.address:

@@ -22,9 +22,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 from kybernate.protos import shim_pb2
 from kybernate.shim.start import socket_address, socket_path
 from kybernate.shim.ttrpc import NAMESPACE_METADATA_KEY, TtrpcClient
@@ -36,6 +38,7 @@ from tests.support.tasks import private_containerd, remove_container, task_pid
 
 RUN = ("run", "--runtime", KYBERNATE_RUNTIME)
 LINUX_RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+MessageT = TypeVar("MessageT", bound=Message)
 
 
 @pytest.fixture(scope="module")
@@ -234,22 +237,25 @@ def test_kill_delivers_signals_and_all_reaches_execs(ctd: Containerd, new_id) ->
     assert missing.returncode != 0  # killing an exited task is an error, like runc's shim
 
 
+async def shim_call(path: str, service: str, method: str, request: Message,
+                    response_type: type[MessageT], namespace: str) -> MessageT:
+    """One task API call on a shim's own socket, as `ctr shim` makes it."""
+    client = await TtrpcClient.connect(path)
+    try:
+        return await client.call(service, method, request, response_type, timeout=10,
+                                 metadata={NAMESPACE_METADATA_KEY: [namespace]})
+    finally:
+        await client.close()
+
+
 def update_resources(ctd: Containerd, container_id: str, resources: dict) -> None:
     """UpdateTask over the shim's own socket, as `ctr shim` reaches it."""
     request = shim_pb2.UpdateTaskRequest(id=container_id)
     request.resources.type_url = LINUX_RESOURCES_TYPE_URL
     request.resources.value = json.dumps(resources).encode()
     path = socket_path(socket_address(ctd.address, ctd.namespace, container_id))
-
-    async def call() -> None:
-        client = await TtrpcClient.connect(path)
-        try:
-            await client.call("containerd.task.v2.Task", "Update", request, empty_pb2.Empty,
-                              timeout=10, metadata={NAMESPACE_METADATA_KEY: [ctd.namespace]})
-        finally:
-            await client.close()
-
-    asyncio.run(call())
+    asyncio.run(shim_call(path, "containerd.task.v2.Task", "Update", request, empty_pb2.Empty,
+                          ctd.namespace))
 
 
 def test_pause_resume_ps_metrics_update(ctd: Containerd, new_id) -> None:
@@ -305,6 +311,27 @@ def test_ctr_shim_state_talks_to_our_socket(ctd: Containerd, new_id) -> None:
     assert state["pid"] == task_pid(ctd, container_id)
     assert state["status"] in (2, "RUNNING")
     assert state["bundle"].endswith(container_id)
+
+
+def test_shim_speaks_the_task_api_its_containerd_prefers(ctd: Containerd, new_id) -> None:
+    container_id = new_id()
+    run_detached(ctd, container_id, "sleep", "600")
+    bundle = ctd.state / "io.containerd.runtime.v2.task" / ctd.namespace / container_id
+    address = socket_address(ctd.address, ctd.namespace, container_id)
+    assert (bundle / "address").read_text() == address
+    if ctd.release.config_version >= 3:
+        # containerd 2.x keeps what `start` printed: task API v3 over ttrpc.
+        bootstrap = json.loads((bundle / "bootstrap.json").read_text())
+        assert bootstrap == {"version": 3, "address": address, "protocol": "ttrpc"}
+    else:
+        assert not (bundle / "bootstrap.json").exists()  # 1.7 knows only v2
+    # Both APIs answer on the one socket, each naming its own version.
+    for service, version in (("containerd.task.v2.Task", "2"), ("containerd.task.v3.Task", "3")):
+        connected = asyncio.run(shim_call(socket_path(address), service, "Connect",
+                                          shim_pb2.ConnectRequest(id=container_id),
+                                          shim_pb2.ConnectResponse, ctd.namespace))
+        assert connected.version == version
+        assert connected.task_pid == task_pid(ctd, container_id)
 
 
 def test_twenty_containers_concurrently(ctd: Containerd, new_id) -> None:
