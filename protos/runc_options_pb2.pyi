@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Options(_message.Message):
-    __slots__ = ("no_pivot_root", "no_new_keyring", "shim_cgroup", "io_uid", "io_gid", "binary_name", "root", "criu_path", "systemd_cgroup", "criu_image_path", "criu_work_path")
+    __slots__ = ("no_pivot_root", "no_new_keyring", "shim_cgroup", "io_uid", "io_gid", "binary_name", "root", "criu_path", "systemd_cgroup", "criu_image_path", "criu_work_path", "task_api_address", "task_api_version")
     NO_PIVOT_ROOT_FIELD_NUMBER: _ClassVar[int]
     NO_NEW_KEYRING_FIELD_NUMBER: _ClassVar[int]
     SHIM_CGROUP_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,8 @@ class Options(_message.Message):
     SYSTEMD_CGROUP_FIELD_NUMBER: _ClassVar[int]
     CRIU_IMAGE_PATH_FIELD_NUMBER: _ClassVar[int]
     CRIU_WORK_PATH_FIELD_NUMBER: _ClassVar[int]
+    TASK_API_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TASK_API_VERSION_FIELD_NUMBER: _ClassVar[int]
     no_pivot_root: bool
     no_new_keyring: bool
     shim_cgroup: str
@@ -30,7 +32,9 @@ class Options(_message.Message):
     systemd_cgroup: bool
     criu_image_path: str
     criu_work_path: str
-    def __init__(self, no_pivot_root: _Optional[bool] = ..., no_new_keyring: _Optional[bool] = ..., shim_cgroup: _Optional[str] = ..., io_uid: _Optional[int] = ..., io_gid: _Optional[int] = ..., binary_name: _Optional[str] = ..., root: _Optional[str] = ..., criu_path: _Optional[str] = ..., systemd_cgroup: _Optional[bool] = ..., criu_image_path: _Optional[str] = ..., criu_work_path: _Optional[str] = ...) -> None: ...
+    task_api_address: str
+    task_api_version: int
+    def __init__(self, no_pivot_root: _Optional[bool] = ..., no_new_keyring: _Optional[bool] = ..., shim_cgroup: _Optional[str] = ..., io_uid: _Optional[int] = ..., io_gid: _Optional[int] = ..., binary_name: _Optional[str] = ..., root: _Optional[str] = ..., criu_path: _Optional[str] = ..., systemd_cgroup: _Optional[bool] = ..., criu_image_path: _Optional[str] = ..., criu_work_path: _Optional[str] = ..., task_api_address: _Optional[str] = ..., task_api_version: _Optional[int] = ...) -> None: ...
 
 class CheckpointOptions(_message.Message):
     __slots__ = ("exit", "open_tcp", "external_unix_sockets", "terminal", "file_locks", "empty_namespaces", "cgroups_mode", "image_path", "work_path")

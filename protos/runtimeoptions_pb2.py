@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%kybernate/protos/runtimeoptions.proto\x12\x11runtimeoptions.v1\"E\n\x07Options\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_path\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_body\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%kybernate/protos/runtimeoptions.proto\x12\x11runtimeoptions.v1\"E\n\x07Options\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_path\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_body\x18\x03 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

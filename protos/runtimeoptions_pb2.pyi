@@ -11,5 +11,5 @@ class Options(_message.Message):
     CONFIG_BODY_FIELD_NUMBER: _ClassVar[int]
     type_url: str
     config_path: str
-    config_body: str
-    def __init__(self, type_url: _Optional[str] = ..., config_path: _Optional[str] = ..., config_body: _Optional[str] = ...) -> None: ...
+    config_body: bytes
+    def __init__(self, type_url: _Optional[str] = ..., config_path: _Optional[str] = ..., config_body: _Optional[bytes] = ...) -> None: ...
