@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: The exit status containerd reports when the real one is unknown.
 UNKNOWN_EXIT_STATUS = 255
+#: What runc's shim reports for an exec deleted before it started: it never ran.
+NEVER_STARTED_EXEC_STATUS = 0
 #: How long Delete waits for stdout/stderr to be copied out (containerd: 2 s).
 IO_DRAIN_TIMEOUT_S = 2.0
 #: How long runc may take to hand the pty master over the console socket.
@@ -473,10 +475,10 @@ class Process:
             self._io.close()
             self._io = None
 
-    def _release_waiters_after_delete(self) -> None:
+    def _release_waiters_after_delete(self, status: int = UNKNOWN_EXIT_STATUS) -> None:
         # A process deleted before it exited (a created init that runc delete
-        # killed, an exec never started) gets an unknown status so Wait returns.
-        self._record_exit(UNKNOWN_EXIT_STATUS, datetime.datetime.now(datetime.UTC))
+        # killed, an exec never started) gets a status of its own so Wait returns.
+        self._record_exit(status, datetime.datetime.now(datetime.UTC))
 
 
 class RestoreStrategy(Protocol):
@@ -767,7 +769,7 @@ class ExecProcess(Process):
             await self._drain_and_close_io()
             with contextlib.suppress(FileNotFoundError):
                 self.pid_file.unlink()
-            self._release_waiters_after_delete()
+            self._release_waiters_after_delete(NEVER_STARTED_EXEC_STATUS)
         assert self._exit is not None
         return self._exit
 
@@ -799,6 +801,7 @@ async def _launch_with_console(launcher: Launcher) -> int:
 __all__ = [
     "EXEC_OPERATIONS",
     "EXEC_STATES",
+    "NEVER_STARTED_EXEC_STATUS",
     "TRANSITIONS",
     "UNKNOWN_EXIT_STATUS",
     "ExecProcess",

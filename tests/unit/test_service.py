@@ -498,6 +498,34 @@ def test_oom_kill_is_published(sandbox: Sandbox) -> None:
     run_service(body)
 
 
+def test_delete_of_an_exec_that_never_started_reports_status_0(sandbox: Sandbox) -> None:
+    # As runc's shim: such an exec never ran, so there is no failure to report.
+    request = sandbox.create_request(["sleep", "1000"])
+    cid = request.id
+
+    async def body(service: TaskService, publisher: RecordingPublisher,
+                   shutdown: asyncio.Event) -> None:
+        await service.create(request)
+        await service.start(shim_pb2.StartRequest(id=cid))
+        await service.exec(shim_pb2.ExecProcessRequest(id=cid, exec_id="idle",
+                                                       spec=exec_spec(["sleep", "1000"])))
+        waiting = asyncio.ensure_future(service.wait(shim_pb2.WaitRequest(id=cid, exec_id="idle")))
+        await asyncio.sleep(0.1)  # the Wait is in before the Delete
+        deleted = await service.delete(shim_pb2.DeleteRequest(id=cid, exec_id="idle"))
+        assert (deleted.pid, deleted.exit_status) == (0, 0)
+        assert (await asyncio.wait_for(waiting, 5)).exit_status == 0
+        with pytest.raises(NotFound):
+            await service.state(shim_pb2.StateRequest(id=cid, exec_id="idle"))
+        # Nothing ran, so nothing exited: no exec-started, no exit event for it.
+        assert "/tasks/exec-started" not in publisher.topics()
+        assert "/tasks/exit" not in publisher.topics()
+        await service.kill(shim_pb2.KillRequest(id=cid, signal=signal.SIGKILL))
+        await service.wait(shim_pb2.WaitRequest(id=cid))
+        await service.delete(shim_pb2.DeleteRequest(id=cid))
+
+    run_service(body)
+
+
 def test_delete_of_a_task_that_never_started(sandbox: Sandbox) -> None:
     request = sandbox.create_request(["sleep", "1000"])
 
