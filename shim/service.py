@@ -239,6 +239,13 @@ class TaskService:
         if not request.bundle or not os.path.isabs(request.bundle):
             raise InvalidArgument(f"bundle must be an absolute path, got {request.bundle!r}")
         options = decode_create_options(request.options if request.HasField("options") else None)
+        if not request.checkpoint and options.criu_image_path:
+            # containerd turns criu_image_path into `checkpoint` only for runc's own
+            # runtime names (1.7) or not at all for the older CreateOptions: do it here.
+            if not os.path.isabs(options.criu_image_path):
+                raise InvalidArgument("criu_image_path must be an absolute path, got "
+                                      f"{options.criu_image_path!r}")
+            request = _with_checkpoint(request, options.criu_image_path)
         if self._restore_source is not None:
             checkpoint = self._restore_source.checkpoint_for(request)
             if checkpoint != request.checkpoint:

@@ -397,8 +397,11 @@ def test_terminal_init_gets_resized_pty(sandbox: Sandbox) -> None:
         os.close(reader)
 
 
-def test_restore_from_runc_checkpoint(sandbox: Sandbox) -> None:
-    """Create with a checkpoint runs nothing; Start restores with `runc restore`."""
+@pytest.mark.parametrize("named_by", ["checkpoint", "criu_image_path"])
+def test_restore_from_runc_checkpoint(sandbox: Sandbox, named_by: str) -> None:
+    """Create with a checkpoint runs nothing; Start restores with `runc restore`. The
+    checkpoint comes as the request's `checkpoint` or, as containerd 1.7 sends it for a
+    runtime not named io.containerd.runc.*, as the create options' criu_image_path."""
     original = sandbox.create_request(["sleep", "1000"])
     images = sandbox.dir / "images"
 
@@ -415,7 +418,12 @@ def test_restore_from_runc_checkpoint(sandbox: Sandbox) -> None:
         await service.delete(shim_pb2.DeleteRequest(id=original.id))
 
         restored = sandbox.create_request(["sleep", "1000"])
-        restored.checkpoint = str(images)
+        if named_by == "checkpoint":
+            restored.checkpoint = str(images)
+        else:
+            options = runc_options_pb2.Options(root=str(sandbox.root),
+                                               criu_image_path=str(images))
+            restored.options.value = options.SerializeToString()
         publisher.events.clear()
         created = await service.create(restored)
         assert created.pid == 0
@@ -442,6 +450,22 @@ def test_restore_from_runc_checkpoint(sandbox: Sandbox) -> None:
         assert (create_event.pid, create_event.checkpoint) == (0, str(images))
 
     run_service(body, timeout=120)
+
+
+def test_relative_criu_image_path_is_refused(sandbox: Sandbox) -> None:
+    request = sandbox.create_request(["sleep", "1000"])
+    request.options.value = runc_options_pb2.Options(
+        root=str(sandbox.root), criu_image_path="images/../../etc").SerializeToString()
+
+    async def body(service: TaskService, publisher: RecordingPublisher,
+                   shutdown: asyncio.Event) -> None:
+        with pytest.raises(InvalidArgument, match="criu_image_path must be an absolute path"):
+            await service.create(request)
+        assert publisher.topics() == []
+        with pytest.raises(NotFound):
+            await service.state(shim_pb2.StateRequest(id=request.id))
+
+    run_service(body)
 
 
 def test_init_exit_kills_execs_in_shared_pid_namespace(sandbox: Sandbox) -> None:
