@@ -1,5 +1,6 @@
-"""Images without a registry: a busybox rootfs (Debian's busybox-static plus one link
-per applet) packed as an OCI image layout tar, then `ctr image import`ed."""
+"""Images without a registry, packed as OCI image layout tars, then `ctr image import`ed:
+a busybox rootfs (Debian's busybox-static plus one link per applet), and the sandbox
+("pause") image CRI starts first in every pod: one static binary built from pause.c."""
 
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def make_rootfs(root: Path, extra_files: dict[str, bytes] | None = None) -> Path
 
 
 BUSYBOX_IMAGE_REF = "docker.io/kybernate-test/busybox:latest"
+PAUSE_IMAGE_REF = "docker.io/kybernate-test/pause:latest"
+PAUSE_SOURCE = Path(__file__).with_name("pause.c")
 
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -101,12 +104,34 @@ def build_oci_archive(out: Path, ref: str = BUSYBOX_IMAGE_REF,
     else:
         with tempfile.TemporaryDirectory(prefix="kyb-img-") as scratch:
             layer = layer_tar(make_rootfs(Path(scratch) / "rootfs", extra_files))
+    return write_oci_archive(out, ref, layer,
+                             {"Env": [DEFAULT_PATH], "Cmd": ["/bin/sh"], "WorkingDir": "/"})
+
+
+def build_pause_archive(out: Path, ref: str = PAUSE_IMAGE_REF) -> Path:
+    """Write an OCI image layout tar for a sandbox image named `ref`: `/pause`, built
+    from pause.c with `gcc -static`, and nothing else."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise FileNotFoundError("gcc is needed to build the pause image (run .ci/setup)")
+    with tempfile.TemporaryDirectory(prefix="kyb-img-") as scratch:
+        rootfs = Path(scratch) / "rootfs"
+        rootfs.mkdir()
+        subprocess.run([gcc, "-static", "-Os", "-s", "-Wall", "-Werror", "-o",
+                        str(rootfs / "pause"), str(PAUSE_SOURCE)],
+                       check=True, capture_output=True, timeout=120)
+        layer = layer_tar(rootfs)
+    return write_oci_archive(out, ref, layer, {"Entrypoint": ["/pause"], "WorkingDir": "/"})
+
+
+def write_oci_archive(out: Path, ref: str, layer: bytes, image_config: dict[str, Any]) -> Path:
+    """Write a one-layer OCI image layout tar named `ref` with the given image config."""
     layout = _Layout()
     layer_desc = layout.add(LAYER_MEDIA_TYPE, layer)
     config = {
         "architecture": oci_architecture(),
         "os": "linux",
-        "config": {"Env": [DEFAULT_PATH], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+        "config": image_config,
         "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]},
     }
     config_desc = layout.add(CONFIG_MEDIA_TYPE, json.dumps(config).encode())
