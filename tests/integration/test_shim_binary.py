@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -57,9 +58,15 @@ def serving_pids(path: str) -> list[int]:
         if not proc.name.isdigit():
             continue
         try:
-            links = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+            fds = list((proc / "fd").iterdir())
         except OSError:
-            continue
+            continue  # the process is gone
+        links = set()
+        for fd in fds:
+            # A descriptor closed while we look (a freshly forked shim closes the
+            # template's) must not hide the process's other descriptors.
+            with contextlib.suppress(OSError):
+                links.add(os.readlink(fd))
         if any(f"socket:[{inode}]" in links for inode in inodes):
             pids.append(int(proc.name))
     return pids
