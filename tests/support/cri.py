@@ -201,9 +201,19 @@ class CriSandbox:
         return list(self.client.call(self.client.runtime.ListPodSandbox,
                                      self.api.ListPodSandboxRequest()).items)
 
-    def leftovers(self) -> list[str]:
+    def leftovers(self, settle_s: float = 15.0) -> list[str]:
         """What the pods of this instance left behind, each as a readable line: pods,
-        shims, runc containers, mounts, cgroups under the pods' parent."""
+        shims, runc containers, mounts, cgroups under the pods' parent. A shim exits
+        shortly after containerd's Shutdown call returns: what goes away within
+        `settle_s` is not left behind."""
+        deadline = time.monotonic() + settle_s
+        found = self._leftovers_now()
+        while found and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = self._leftovers_now()
+        return found
+
+    def _leftovers_now(self) -> list[str]:
         ctd = self.containerd
         assert ctd.cri is not None
         found = [f"pod {pod.id}" for pod in self.pods()]
