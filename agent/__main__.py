@@ -2,6 +2,6 @@
 
 import sys
 
-from kybernate.agent.cli import agent_main
+from kybernate.agent.main import agent_main
 
 sys.exit(agent_main(sys.argv[1:]))

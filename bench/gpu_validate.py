@@ -52,6 +52,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import tomllib
 import traceback
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -75,10 +76,13 @@ from gpu_workload import Workload
 # -- getting Kybernate importable without the repository root on sys.path ----------------------
 
 
-# pyproject's package-dir: subpackage -> repository folder.
-REPO_PACKAGES = {"kybernate": "core", "kybernate.shim": "shim", "kybernate.runtime": "runtime",
-                 "kybernate.agent": "agent", "kybernate.criu": "criu", "kybernate.cuda": "cuda",
-                 "kybernate.protos": "protos"}
+def _repo_packages() -> dict[str, str]:
+    """pyproject's package-dir: subpackage -> repository folder."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return dict(tomllib.load(f)["tool"]["setuptools"]["package-dir"])
+
+
+REPO_PACKAGES = _repo_packages()
 
 
 class _RepoFinder(importlib.abc.MetaPathFinder):
@@ -132,7 +136,7 @@ def install_carry(carry: Path) -> tuple[str, dict[str, str]]:
         with zipfile.ZipFile(wheel) as archive:
             archive.extractall(site)
     for name, module in (("containerd-shim-kybernate-v1", "kybernate.shim"),
-                         ("kybernate", "kybernate.cli")):
+                         ("kybernate", "kybernate")):
         script = venv / "bin" / name
         script.write_text(f'#!/bin/sh\nexec "{python}" -m {module} "$@"\n')
         script.chmod(0o755)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kybernate.agent.cli import checkpoint_inspect_main, checkpoint_list_main
+from kybernate.cli.checkpoint import checkpoint_inspect_main, checkpoint_list_main
 from kybernate.errors import DeadlineExceeded, KybernateError
 from kybernate.protos import agent_pb2
 from kybernate.shim.agent_client import AgentClient

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kybernate.agent.cli import checkpoint_share_main
+from kybernate.cli.checkpoint import checkpoint_share_main
 from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET, ANNOTATION_RESTORE_FROM
 
 from tests.support.agent import AgentProcess, make_workdir, running_agent

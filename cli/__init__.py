@@ -1,5 +1,7 @@
 """The `kybernate` command: the node agent, the checkpoint registry, and the demo.
 
+`kybernate = "kybernate.cli:main"` in pyproject; `python -m kybernate` runs it too.
+
 Each subcommand imports its implementation only when chosen, so `kybernate --help`
 stays fast and the agent's heavy dependencies (grpc, boto3) load only for the agent.
 """
@@ -22,13 +24,13 @@ commands:
 
 
 def _agent(argv: list[str]) -> int:
-    from kybernate.agent.cli import agent_main
+    from kybernate.agent.main import agent_main
 
     return agent_main(argv)
 
 
 def _checkpoint(argv: list[str]) -> int:
-    from kybernate.agent.cli import (
+    from kybernate.cli.checkpoint import (
         checkpoint_inspect_main,
         checkpoint_list_main,
         checkpoint_share_main,
@@ -47,7 +49,7 @@ def _checkpoint(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from kybernate.demo import demo_main
+    from kybernate.cli.demo import demo_main
 
     return demo_main(argv)
 
@@ -75,6 +77,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return command(args[1:])
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,39 +1,19 @@
-"""Command-line entries: `kybernate agent ...`, `kybernate checkpoint list|inspect`."""
+"""`kybernate checkpoint list|inspect|share`: the agent's registry, through its client."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from kybernate.agent.config import config_from_args
 from kybernate.errors import KybernateError
 from kybernate.shim.agent_client import DEFAULT_SOCKET, AgentClient
 
 #: ctr's default namespace.
 DEFAULT_NAMESPACE = "default"
-
-
-def agent_main(argv: Sequence[str]) -> int:
-    """Run the node agent in the foreground (systemd runs it so)."""
-    try:
-        config = config_from_args(argv)
-    except KybernateError as exc:
-        print(f"kybernate agent: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from kybernate.agent.daemon import serve
-
-    try:
-        asyncio.run(serve(config))
-    except KybernateError as exc:
-        logging.getLogger("kybernate.agent").error("agent failed: %s", exc)
-        return 1
-    return 0
 
 
 def _client_parser(prog: str, description: str) -> argparse.ArgumentParser:
