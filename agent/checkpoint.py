@@ -32,6 +32,7 @@ from kybernate.agent.metrics import AgentMetrics
 from kybernate.agent.promoter import Promoter
 from kybernate.agent.registry import Registry
 from kybernate.agent.storage import LocalTier
+from kybernate.api.layout import ROOTFS_DIFF_FILE
 from kybernate.cuda import CudaState
 from kybernate.errors import (
     Cancelled,
@@ -49,7 +50,6 @@ from kybernate.runtime.cgroups import Cgroup
 
 log = logging.getLogger(__name__)
 
-ROOTFS_DIFF_FILE = "rootfs-diff.tar"
 _LIBC = ctypes.CDLL(None, use_errno=True)
 FREEZE_TIMEOUT_S = 30.0
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from kybernate.agent import naming
+from kybernate.api.layout import METADATA_FILE
 from kybernate.errors import DataLoss, FailedPrecondition, Internal
 
-METADATA_FILE = "metadata.json"
 METADATA_FORMAT = 1
 STAGING_PREFIX = ".staging-"
 #: Written into a staging directory once its data is complete (the dump succeeded):

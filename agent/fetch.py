@@ -21,6 +21,7 @@ from pathlib import Path
 from kybernate.agent import commit, naming
 from kybernate.agent.remote import RemoteTier
 from kybernate.agent.storage import LocalTier
+from kybernate.api import layout
 from kybernate.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _fetch_blocking(remote: RemoteTier, local: LocalTier, checkpoint_id: str, cr
     local.prepare()
     final = local.committed(checkpoint_id)
     if final.exists() or final.is_symlink():
-        raise FailedPrecondition(f"{final} exists but is not a committed checkpoint (no {commit.METADATA_FILE});"
+        raise FailedPrecondition(f"{final} exists but is not a committed checkpoint (no {layout.METADATA_FILE});"
                                  " start-up recovery removes such a directory, a fetch never writes into it")
     staging = fetch_path(local, checkpoint_id)
     if staging.exists():

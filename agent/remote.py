@@ -48,6 +48,7 @@ from typing import Any
 
 from kybernate.agent import commit, naming
 from kybernate.agent.config import S3Config
+from kybernate.api import layout
 from kybernate.errors import (
     Cancelled,
     DataLoss,
@@ -117,12 +118,12 @@ def checked_files(document: Any, checkpoint_id: str, where: str) -> list[RemoteF
     an integer size and a sha256. DataLoss (FailedPrecondition for another format)
     naming the first entry that is not."""
     if not isinstance(document, dict) or not isinstance(document.get("files"), dict):
-        raise DataLoss(f"{where}: {commit.METADATA_FILE} has no file list")
+        raise DataLoss(f"{where}: {layout.METADATA_FILE} has no file list")
     if document.get("format") != commit.METADATA_FORMAT:
         raise FailedPrecondition(f"{where}: metadata format {repr(document.get('format'))[:20]}"
                                  f" is not {commit.METADATA_FORMAT}")
     if document.get("id") != checkpoint_id:
-        raise DataLoss(f"{where}: {commit.METADATA_FILE} is that of checkpoint"
+        raise DataLoss(f"{where}: {layout.METADATA_FILE} is that of checkpoint"
                        f" {str(document.get('id'))[:80]!r}, not {checkpoint_id}")
     files: dict[Any, Any] = document["files"]
     if len(files) > FILES_MAX:
@@ -131,8 +132,8 @@ def checked_files(document: Any, checkpoint_id: str, where: str) -> list[RemoteF
     for rel in sorted(files, key=str):
         naming.relative_file(rel, where)
         entry = files[rel]
-        if rel == commit.METADATA_FILE:
-            raise DataLoss(f"{where}: lists {commit.METADATA_FILE} as one of its own files")
+        if rel == layout.METADATA_FILE:
+            raise DataLoss(f"{where}: lists {layout.METADATA_FILE} as one of its own files")
         size = entry.get("size") if isinstance(entry, dict) else None
         sha256 = entry.get("sha256") if isinstance(entry, dict) else None
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -234,10 +235,10 @@ class RemoteTier:
                 if sha256 != f.sha256:
                     raise DataLoss(f"{where}: file {f.rel} failed its sha256 check; not uploading it")
                 self._put_file(directory / f.rel, self.checkpoint_key(checkpoint_id, f.rel), f.size, crc)
-            meta_path = directory / commit.METADATA_FILE
+            meta_path = directory / layout.METADATA_FILE
             _, meta_crc = _digests(meta_path)
             # Last: its presence is what makes the remote copy a checkpoint.
-            self._put_file(meta_path, self.checkpoint_key(checkpoint_id, commit.METADATA_FILE),
+            self._put_file(meta_path, self.checkpoint_key(checkpoint_id, layout.METADATA_FILE),
                            meta_path.stat().st_size, meta_crc)
             body = json.dumps({"id": checkpoint_id, "created_at": created_at.isoformat()}).encode()
             self._client.put_object(Bucket=self.config.bucket, Body=body, ContentType="application/json",
@@ -262,7 +263,7 @@ class RemoteTier:
     # -- reads ----------------------------------------------------------------
 
     def is_complete(self, checkpoint_id: str) -> bool:
-        key = self.checkpoint_key(naming.checkpoint_id(checkpoint_id), commit.METADATA_FILE)
+        key = self.checkpoint_key(naming.checkpoint_id(checkpoint_id), layout.METADATA_FILE)
         with self._translated(f"checkpoint {checkpoint_id}"):
             return self._head_or_none(key) is not None
 
@@ -317,15 +318,15 @@ class RemoteTier:
         more than `max_bytes`.
         """
         checkpoint_id = naming.checkpoint_id(checkpoint_id)
-        meta_key = self.checkpoint_key(checkpoint_id, commit.METADATA_FILE)
+        meta_key = self.checkpoint_key(checkpoint_id, layout.METADATA_FILE)
         where = f"{self.url}: checkpoint {checkpoint_id}"
         with self._translated(f"download of checkpoint {checkpoint_id}"):
             head = self._head_or_none(meta_key)
             if head is None:
                 raise NotFound(f"{where}: not in the bucket, or its upload never completed"
-                               f" (no {commit.METADATA_FILE})")
+                               f" (no {layout.METADATA_FILE})")
             if head["ContentLength"] > METADATA_MAX_BYTES:
-                raise DataLoss(f"{where}: {commit.METADATA_FILE} has {head['ContentLength']} bytes,"
+                raise DataLoss(f"{where}: {layout.METADATA_FILE} has {head['ContentLength']} bytes,"
                                f" more than {METADATA_MAX_BYTES}")
             expected_crc = self._expected_crc(head, meta_key)
             response = self._client.get_object(Bucket=self.config.bucket, Key=meta_key, ChecksumMode="ENABLED",
@@ -333,11 +334,11 @@ class RemoteTier:
             with response["Body"] as stream:
                 meta_bytes = stream.read(METADATA_MAX_BYTES + 1)
             if crc32_base64(meta_bytes) != expected_crc:
-                raise DataLoss(f"{where}: {commit.METADATA_FILE} does not match the server's checksum")
+                raise DataLoss(f"{where}: {layout.METADATA_FILE} does not match the server's checksum")
             try:
                 document = json.loads(meta_bytes)
             except ValueError as exc:
-                raise DataLoss(f"{where}: {commit.METADATA_FILE} is not JSON: {exc}") from None
+                raise DataLoss(f"{where}: {layout.METADATA_FILE} is not JSON: {exc}") from None
             files = checked_files(document, checkpoint_id, where)
             total = sum(f.size for f in files)
             if max_bytes is not None and total > max_bytes:
@@ -346,7 +347,7 @@ class RemoteTier:
             for f in files:
                 self._get_file(self.checkpoint_key(checkpoint_id, f.rel), target / f.rel, f.size, where)
             # Last, as on upload: a local copy without it is not a checkpoint.
-            (target / commit.METADATA_FILE).write_bytes(meta_bytes)
+            (target / layout.METADATA_FILE).write_bytes(meta_bytes)
             return document
 
     def _get_file(self, key: str, path: Path, size: int, where: str) -> None:

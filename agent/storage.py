@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from kybernate.agent import commit, naming
+from kybernate.api import layout
 
 
 class LocalTier:
@@ -28,7 +29,7 @@ class LocalTier:
         return commit.committed_path(self.root, checkpoint_id)
 
     def has(self, checkpoint_id: str) -> bool:
-        return (self.committed(checkpoint_id) / commit.METADATA_FILE).is_file()
+        return (self.committed(checkpoint_id) / layout.METADATA_FILE).is_file()
 
     def leftover_staging(self) -> list[tuple[str, Path]]:
         """(id, path) of every staging directory: each is a checkpoint that never committed."""

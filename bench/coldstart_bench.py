@@ -405,8 +405,8 @@ def _cold_checkpoint_restores(world: World, record: Round, runtime: str, name: s
 
 def wait_uploaded(agent: AgentProcess, checkpoint_name: str, timeout: float = 900.0) -> float:
     """When the agent's registry stopped calling the checkpoint dirty (monotonic)."""
+    from kybernate.api.client import AgentClient
     from kybernate.protos import agent_pb2
-    from kybernate.shim.agent_client import AgentClient
 
     async def dirty() -> bool:
         async with AgentClient(agent.socket) as client:

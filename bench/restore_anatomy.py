@@ -191,8 +191,8 @@ def keep_log(text: str, logs_dir: Path, name: str) -> str:
 
 
 def prepare_restore_seconds(bench: Bench, directory: Path) -> float:
+    from kybernate.api.client import AgentClient
     from kybernate.protos import agent_pb2
-    from kybernate.shim.agent_client import AgentClient
 
     async def call() -> float:
         async with AgentClient(bench.agent.socket) as client:

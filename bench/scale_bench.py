@@ -273,8 +273,8 @@ def dirty_writeback() -> int:
 
 
 async def checkpoint_all(world: World, containers: Sequence[str]) -> list[dict[str, Any]]:
+    from kybernate.api.client import AgentClient
     from kybernate.protos import agent_pb2
-    from kybernate.shim.agent_client import AgentClient
 
     runc_root = str(world.containerd.runc_root())
 

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from kybernate.api.client import DEFAULT_SOCKET, AgentClient
 from kybernate.errors import KybernateError
-from kybernate.shim.agent_client import DEFAULT_SOCKET, AgentClient
 
 #: ctr's default namespace.
 DEFAULT_NAMESPACE = "default"

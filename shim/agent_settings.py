@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kybernate.api.client import DEFAULT_SOCKET
 from kybernate.errors import InvalidArgument
-from kybernate.shim.agent_client import DEFAULT_SOCKET
 
 if TYPE_CHECKING:
     from kybernate.protos import agent_pb2

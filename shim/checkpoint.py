@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kybernate.api.client import AgentClient
 from kybernate.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -41,7 +42,6 @@ from kybernate.errors import (
     Unavailable,
     error_from_status,
 )
-from kybernate.shim.agent_client import AgentClient
 from kybernate.shim.agent_settings import (
     POD_NAMESPACE_ANNOTATION,
     agent_checkpoint_options,

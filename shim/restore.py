@@ -40,11 +40,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kybernate.api.client import AgentClient
+from kybernate.api.layout import METADATA_FILE, ROOTFS_DIFF_FILE
 from kybernate.errors import FailedPrecondition, InvalidArgument, KybernateError
 from kybernate.oci import load_spec
 from kybernate.runtime.container import kill_everything
 from kybernate.shim import rootfs_diff
-from kybernate.shim.agent_client import AgentClient
 from kybernate.shim.agent_settings import (
     POD_NAMESPACE_ANNOTATION,
     agent_socket,
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 REGISTRY_PREFIX = "kybernate-checkpoint:"
 #: Marks a host directory an annotation named (not containerd's own directory).
 HOST_DIRECTORY_PREFIX = "kybernate-directory:"
-METADATA_FILE = "metadata.json"
 #: The prefix of the temporary directories containerd unpacks checkpoints into.
 CONTAINERD_CHECKPOINT_PREFIX = "ctrd-checkpoint"
 #: PrepareRestore may download a checkpoint from S3: give it time.
@@ -252,7 +252,7 @@ def _overlay_upperdir(target: Path) -> Path | None:
 def _apply_rootfs_diff(image_dir: Path, rootfs: Path) -> None:
     """Unpack the checkpoint's writable layer into the rootfs, unless containerd
     already applied one (`ctr container restore --rw`: the upperdir is not empty)."""
-    diff = image_dir / rootfs_diff.DIFF_FILE
+    diff = image_dir / ROOTFS_DIFF_FILE
     if not diff.is_file():
         return
     upper = _overlay_upperdir(rootfs)

@@ -25,7 +25,6 @@ from pathlib import Path, PurePosixPath
 
 from kybernate.errors import FailedPrecondition
 
-DIFF_FILE = "rootfs-diff.tar"
 _OPAQUE_XATTR = "SCHILY.xattr.trusted.overlay.opaque"
 APPLY_TIMEOUT_S = 600.0
 

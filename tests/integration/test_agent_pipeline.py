@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kybernate.api.client import AgentClient
 from kybernate.cli.checkpoint import checkpoint_inspect_main, checkpoint_list_main
 from kybernate.errors import DeadlineExceeded, KybernateError
 from kybernate.protos import agent_pb2
-from kybernate.shim.agent_client import AgentClient
 
 from tests.support.agent import AgentProcess, make_workdir, running_agent
 from tests.support.runc_container import (

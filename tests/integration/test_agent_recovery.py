@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 from kybernate.agent.commit import verify
+from kybernate.api.client import AgentClient
 from kybernate.errors import KybernateError
 from kybernate.protos import agent_pb2
-from kybernate.shim.agent_client import AgentClient
 
 from tests.support.agent import AgentProcess, make_workdir
 from tests.support.processes import live_pids_with_marker

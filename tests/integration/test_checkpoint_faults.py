@@ -36,9 +36,9 @@ from pathlib import Path
 import psutil
 import pytest
 from kybernate.agent.commit import verify
+from kybernate.api.client import AgentClient
 from kybernate.cuda.fake import ENV_TOKEN
 from kybernate.protos import agent_pb2
-from kybernate.shim.agent_client import AgentClient
 from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET, ANNOTATION_RESTORE_FROM
 
 from tests.support.agent import AgentProcess, make_workdir

@@ -13,9 +13,9 @@ import time
 import uuid
 from pathlib import Path
 
+from kybernate.api.client import AgentClient
 from kybernate.errors import KybernateError
 from kybernate.protos import agent_pb2
-from kybernate.shim.agent_client import AgentClient
 
 from tests.support.agent import AgentProcess
 from tests.support.bundle import make_bundle

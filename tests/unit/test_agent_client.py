@@ -11,13 +11,13 @@ from pathlib import Path
 import grpc
 import pytest
 from kybernate.agent.server import grpc_code, status_from_errors
+from kybernate.api.client import AgentClient
 from kybernate.errors import DataLoss, DeadlineExceeded, Internal, NotFound, Unavailable
 from kybernate.protos import agent_pb2, agent_pb2_grpc
-from kybernate.shim.agent_client import AgentClient
 
 
 def test_importing_the_client_does_not_import_grpc() -> None:
-    code = "import sys, kybernate.shim.agent_client; sys.exit('grpc' in sys.modules)"
+    code = "import sys, kybernate.api.client; sys.exit('grpc' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

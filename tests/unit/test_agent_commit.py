@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from kybernate.agent import commit
+from kybernate.api import layout
 from kybernate.errors import DataLoss, FailedPrecondition, Internal
 
 METADATA = {"id": "c1", "name": "web-1", "host": {"criu_version": "4.2.1"}}
@@ -112,7 +113,7 @@ def test_export_copies_across_filesystems(tmp_path: Path) -> None:
 def test_a_complete_draft_is_committed_by_recover(tmp_path: Path) -> None:
     staging, final = _staged(tmp_path)
     commit.write_draft(staging, METADATA, commit.DRAFT_COMPLETE, work_dir=tmp_path / "work")
-    (staging / commit.METADATA_FILE).write_text('{"half": ')  # the agent died writing it
+    (staging / layout.METADATA_FILE).write_text('{"half": ')  # the agent died writing it
     document = commit.recover(staging, final)
     assert document is not None and document["name"] == "web-1"
     assert commit.DRAFT_FILE not in document["files"]

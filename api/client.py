@@ -1,4 +1,5 @@
-"""The shim's client of the node agent (kybernate.agent.v1.Agent over a unix socket).
+"""The client of the node agent (kybernate.agent.v1.Agent over a unix socket): the
+shim's, and the `kybernate checkpoint` commands'.
 
 grpc is imported on first use only: a shim that never checkpoints, pauses a GPU
 container or restores never pays its import time and memory.
