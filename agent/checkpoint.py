@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from kybernate import mountinfo
 from kybernate.agent import commit, naming
 from kybernate.agent.config import AgentConfig
 from kybernate.agent.gpu import GpuControl
@@ -145,24 +146,10 @@ def _fault_hold(where: str, seconds: float) -> None:
 def overlay_upperdir(pid: int) -> Path | None:
     """The upperdir of the overlay mounted at the container's root, if it is one."""
     try:
-        return upperdir_from_mountinfo(Path(f"/proc/{pid}/mountinfo").read_text())
+        upperdir = mountinfo.overlay_upperdir(mountinfo.of_process(pid), "/")
     except OSError:
         return None
-
-
-def upperdir_from_mountinfo(mountinfo: str) -> Path | None:
-    for line in reversed(mountinfo.splitlines()):  # the last mount on "/" is the visible one
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) < 5 or fields[4] != "/":
-            continue
-        if len(tail) < 3 or tail[0] != "overlay":
-            return None
-        for option in tail[2].split(","):
-            if option.startswith("upperdir="):
-                return Path(option[len("upperdir="):].replace("\\040", " "))
-        return None
-    return None
+    return Path(upperdir) if upperdir is not None else None
 
 
 def sync_container_fs(pid: int) -> None:

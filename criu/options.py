@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kybernate import mountinfo
 from kybernate.errors import FailedPrecondition, InvalidArgument
 from kybernate.oci import load_spec
 
@@ -277,15 +278,15 @@ def criu_config_file(spec: dict[str, Any]) -> str | None:
 
 
 def host_cgroup_v1_hierarchies(
-    mountinfo: str | None = None, own_cgroups: str | None = None
+    mountinfo_text: str | None = None, own_cgroups: str | None = None
 ) -> list[str]:
     """Base names of the host's v1 cgroup mount points ("cpu,cpuacct", "freezer",
     "systemd", ...), one per hierarchy this process belongs to, in mount order.
 
     The arguments default to /proc/self/mountinfo and /proc/self/cgroup.
     """
-    if mountinfo is None:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
+    if mountinfo_text is None:
+        mountinfo_text = Path(mountinfo.MOUNTINFO).read_text()
     if own_cgroups is None:
         own_cgroups = Path("/proc/self/cgroup").read_text()
     wanted: set[str] = set()
@@ -295,28 +296,15 @@ def host_cgroup_v1_hierarchies(
             wanted.update(parts[1].split(","))
     seen: set[str] = set()
     names: list[str] = []
-    for line in mountinfo.splitlines():
-        pre, sep, post = line.partition(" - ")
-        if not sep:
+    for mount in mountinfo.parse(mountinfo_text):
+        if mount.fstype != "cgroup":
             continue
-        fields_after = post.split()
-        if len(fields_after) < 3 or fields_after[0] != "cgroup":
-            continue
-        super_options = set(fields_after[2].split(","))
-        fresh = (super_options & wanted) - seen
+        fresh = (set(mount.super_options) & wanted) - seen
         if not fresh:
             continue
         seen |= fresh
-        mount_point = _unescape_mountinfo(pre.split()[4])
-        names.append(os.path.basename(mount_point))
+        names.append(os.path.basename(mount.mount_point))
     return names
-
-
-def _unescape_mountinfo(path: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        path = path.replace(code, char)
-    return path
 
 
 def _host_is_cgroup2_unified() -> bool:

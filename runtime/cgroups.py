@@ -14,15 +14,14 @@ import contextlib
 import dataclasses
 import errno
 import os
-import re
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from google.protobuf.message import Message
+from kybernate import mountinfo
 from kybernate.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 
-MOUNTINFO = "/proc/self/mountinfo"
 DEFAULT_STATE_TIMEOUT = 10.0
 #: How long killing a cgroup's processes may take before it is reported stuck.
 KILL_TIMEOUT = 10.0
@@ -58,32 +57,20 @@ class CgroupMounts:
     v2: HierarchyMount | None
 
     @classmethod
-    def read(cls, mountinfo: str = MOUNTINFO) -> CgroupMounts:
-        """Parse mountinfo (`ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [TAGS] - FSTYPE SRC SUPEROPTS`)."""
+    def read(cls, path: str = mountinfo.MOUNTINFO) -> CgroupMounts:
+        """The cgroup hierarchies of a mountinfo file (this process's by default)."""
         v1: dict[str, HierarchyMount] = {}
         v2: HierarchyMount | None = None
-        with open(mountinfo) as f:
-            for line in f:
-                fields = line.split()
-                try:
-                    sep = fields.index("-")
-                except ValueError:
-                    continue
-                fstype, super_options = fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else ""
-                mount = HierarchyMount(mountpoint=_unescape(fields[4]), root=_unescape(fields[3]))
-                if fstype == "cgroup2":
-                    v2 = v2 or mount
-                elif fstype == "cgroup":
-                    for option in super_options.split(","):
-                        if option in ("rw", "ro") or option.startswith(("release_agent=", "clone_children")):
-                            continue
-                        v1.setdefault(option, mount)
+        for mount in mountinfo.read(path):
+            hierarchy = HierarchyMount(mountpoint=mount.mount_point, root=mount.root)
+            if mount.fstype == "cgroup2":
+                v2 = v2 or hierarchy
+            elif mount.fstype == "cgroup":
+                for option in mount.super_options:
+                    if option in ("rw", "ro") or option.startswith(("release_agent=", "clone_children")):
+                        continue
+                    v1.setdefault(option, hierarchy)
         return cls(v1=v1, v2=v2)
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def read_proc_cgroup(pid: int | str) -> tuple[dict[str, str], str | None]:

@@ -26,6 +26,8 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from kybernate import mountinfo
+
 KYBERNATE_RUNTIME = "io.containerd.kybernate.v1"
 RUNC_STATE_BASE = Path("/run/containerd/runc")
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
@@ -353,13 +355,8 @@ class Containerd:
         return base / self.namespace
 
     def mounts_under(self, *prefixes: Path) -> list[str]:
-        found = []
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                mount_point = line.split()[4].replace("\\040", " ")
-                if any(mount_point == str(p) or mount_point.startswith(f"{p}/") for p in prefixes):
-                    found.append(mount_point)
-        return found
+        return [m.mount_point for m in mountinfo.read()
+                if any(m.mount_point == str(p) or m.mount_point.startswith(f"{p}/") for p in prefixes)]
 
     # ---- internals -------------------------------------------------------------------
 

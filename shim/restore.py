@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kybernate import mountinfo
 from kybernate.api.client import AgentClient
 from kybernate.api.layout import METADATA_FILE, ROOTFS_DIFF_FILE
 from kybernate.errors import FailedPrecondition, InvalidArgument, KybernateError
@@ -233,30 +234,14 @@ async def _undo_restore(process: InitProcess, pid: int) -> None:
         process.pid_file.unlink()
 
 
-def _overlay_upperdir(target: Path) -> Path | None:
-    """The upperdir of the overlay mounted at `target` (None: not an overlay mount)."""
-    wanted = os.path.realpath(target)
-    upper: Path | None = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            separator = fields.index("-")
-            if fields[4] != wanted or fields[separator + 1] != "overlay":
-                continue
-            for option in fields[separator + 3].split(","):
-                if option.startswith("upperdir="):
-                    upper = Path(option[len("upperdir="):])  # the last mount on top wins
-    return upper
-
-
 def _apply_rootfs_diff(image_dir: Path, rootfs: Path) -> None:
     """Unpack the checkpoint's writable layer into the rootfs, unless containerd
     already applied one (`ctr container restore --rw`: the upperdir is not empty)."""
     diff = image_dir / ROOTFS_DIFF_FILE
     if not diff.is_file():
         return
-    upper = _overlay_upperdir(rootfs)
-    if upper is not None and any(upper.iterdir()):
+    upper = mountinfo.overlay_upperdir(mountinfo.read(), os.path.realpath(rootfs))
+    if upper is not None and any(Path(upper).iterdir()):
         log.info("restore: %s has a writable layer already; not applying %s", rootfs, diff)
         return
     rootfs_diff.apply(diff, rootfs)

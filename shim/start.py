@@ -191,18 +191,10 @@ def cgroup_mounts() -> list[tuple[frozenset[str], str, str]]:
     """Mounted cgroup hierarchies as (super options, mount point, root within the
     hierarchy); a v2 mount has the options {""} so that it matches v2's empty
     controller list in /proc/PID/cgroup."""
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            fstype = fields[sep + 1]
-            if fstype not in ("cgroup", "cgroup2"):
-                continue
-            options = frozenset({""}) if fstype == "cgroup2" else \
-                frozenset(fields[sep + 3].split(","))
-            mounts.append((options, fields[4].replace("\\040", " "), fields[3]))
-    return mounts
+    from kybernate import mountinfo  # only when the server must join our cgroups
+
+    return [(frozenset({""}) if m.fstype == "cgroup2" else frozenset(m.super_options), m.mount_point, m.root)
+            for m in mountinfo.read() if m.fstype in ("cgroup", "cgroup2")]
 
 
 def join_own_cgroups(pid: int) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kybernate import mountinfo
 from kybernate.errors import Internal, InvalidArgument
 from kybernate.protos import mount_pb2
 from kybernate.runtime.mount import (
@@ -28,8 +29,7 @@ from kybernate.runtime.mount import (
 
 
 def is_mount_point(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
+    return mountinfo.visible_at(mountinfo.read(), str(path)) is not None
 
 
 @pytest.fixture
@@ -39,11 +39,9 @@ def scratch() -> Iterator[Path]:
         yield root
     finally:
         # Whatever a failed test left mounted goes first, lazily if need be.
-        mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
-        for line in reversed(mountinfo):
-            point = line.split()[4]
-            if point.startswith(str(root)):
-                subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        for mount in reversed(mountinfo.read()):
+            if mount.mount_point.startswith(str(root)):
+                subprocess.run(["umount", "-l", mount.mount_point], capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
