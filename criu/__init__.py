@@ -8,12 +8,13 @@ CRIU's own failing log line.
 from .descriptors import read_descriptors, write_descriptors
 from .errors import CriuError
 from .logparse import parse_criu_log
-from .options import DumpOptions, RestoreOptions, dump_options_from_bundle
+from .options import CriuOptions, DumpOptions, RestoreOptions, dump_options_from_bundle
 from .swrk import CriuClient, NotifyCallback, SpawnFn, spawn_with_asyncio
 
 __all__ = [
     "CriuClient",
     "CriuError",
+    "CriuOptions",
     "DumpOptions",
     "NotifyCallback",
     "RestoreOptions",

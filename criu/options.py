@@ -52,82 +52,25 @@ _MAX_SYMLINKS = 255
 CLONE_NEWNET = 0x40000000
 
 
-def _check_cgroup_mode(mode: str) -> None:
-    if mode not in CGROUP_MODES:
-        raise InvalidArgument(
-            f"unknown CRIU cgroup mode {mode!r}; expected one of {', '.join(CGROUP_MODES)}"
-        )
-
-
-@dataclass
-class DumpOptions:
-    """A CRIU dump request. Paths are on the host; `root` is absolute."""
+@dataclass(kw_only=True)
+class CriuOptions:
+    """What a dump and a restore request share. Paths are on the host."""
 
     images_dir: Path
     work_dir: Path
-    pid: int
-    root: Path
-    leave_running: bool = False
-    tcp_established: bool = False
-    ext_unix_sk: bool = False
-    file_locks: bool = False
-    shell_job: bool = False
-    orphan_pts_master: bool = True
-    manage_cgroups: bool = True
-    manage_cgroups_mode: str = "soft"
-    freeze_cgroup: str | None = None
-    external: list[str] = field(default_factory=list)
-    ext_mounts: list[tuple[str, str]] = field(default_factory=list)
-    empty_ns: int = 0
-    log_file: str = "dump.log"
-    log_level: int = 4
-    timeout_s: int | None = None
-    auto_dedup: bool = False
-    track_mem: bool = False
-    parent_img: str | None = None
-    config_file: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.pid <= 0:
-            raise InvalidArgument(f"CRIU dump needs a positive pid, got {self.pid}")
-        if not self.root.is_absolute():
-            raise InvalidArgument(f"CRIU root must be an absolute path, got {self.root}")
-        if "/" in self.log_file:
-            raise InvalidArgument(f"CRIU log file must be a bare name, got {self.log_file!r}")
-        _check_cgroup_mode(self.manage_cgroups_mode)
-
-    @property
-    def log_path(self) -> Path:
-        return self.work_dir / self.log_file
-
-
-@dataclass
-class RestoreOptions:
-    """A CRIU restore request.
-
-    `root` is where the rootfs is mounted (CRIU wants a mount point); None restores
-    into the caller's root. `inherit_fds` are (fd in the caller, key) pairs: the fd
-    replaces the dumped file named by key, e.g. (5, "pipe:[1234]").
-    """
-
-    images_dir: Path
-    work_dir: Path
+    #: Absolute; for a restore, where the rootfs is mounted (None: the caller's root).
     root: Path | None = None
-    rst_sibling: bool = True
-    inherit_fds: list[tuple[int, str]] = field(default_factory=list)
-    ext_mounts: list[tuple[str, str]] = field(default_factory=list)
-    external: list[str] = field(default_factory=list)
-    manage_cgroups: bool = True
-    manage_cgroups_mode: str = "soft"
-    cgroup_root: str | None = None
     tcp_established: bool = False
     ext_unix_sk: bool = False
     file_locks: bool = False
     shell_job: bool = False
     orphan_pts_master: bool = False
-    evasive_devices: bool = True
+    manage_cgroups: bool = True
+    manage_cgroups_mode: str = "soft"
+    external: list[str] = field(default_factory=list)
+    ext_mounts: list[tuple[str, str]] = field(default_factory=list)
     empty_ns: int = 0
-    log_file: str = "restore.log"
+    log_file: str
     log_level: int = 4
     timeout_s: int | None = None
     config_file: str | None = None
@@ -137,14 +80,54 @@ class RestoreOptions:
             raise InvalidArgument(f"CRIU root must be an absolute path, got {self.root}")
         if "/" in self.log_file:
             raise InvalidArgument(f"CRIU log file must be a bare name, got {self.log_file!r}")
-        _check_cgroup_mode(self.manage_cgroups_mode)
-        for fd, key in self.inherit_fds:
-            if fd < 0 or not key:
-                raise InvalidArgument(f"bad inherit fd ({fd}, {key!r})")
+        if self.manage_cgroups_mode not in CGROUP_MODES:
+            raise InvalidArgument(f"unknown CRIU cgroup mode {self.manage_cgroups_mode!r}; "
+                                  f"expected one of {', '.join(CGROUP_MODES)}")
 
     @property
     def log_path(self) -> Path:
         return self.work_dir / self.log_file
+
+
+@dataclass(kw_only=True)
+class DumpOptions(CriuOptions):
+    """A CRIU dump request; `root` is the container's rootfs."""
+
+    pid: int
+    root: Path
+    leave_running: bool = False
+    orphan_pts_master: bool = True
+    freeze_cgroup: str | None = None
+    log_file: str = "dump.log"
+    auto_dedup: bool = False
+    track_mem: bool = False
+    parent_img: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pid <= 0:
+            raise InvalidArgument(f"CRIU dump needs a positive pid, got {self.pid}")
+        super().__post_init__()
+
+
+@dataclass(kw_only=True)
+class RestoreOptions(CriuOptions):
+    """A CRIU restore request.
+
+    `inherit_fds` are (fd in the caller, key) pairs: the fd replaces the dumped file
+    named by key, e.g. (5, "pipe:[1234]").
+    """
+
+    rst_sibling: bool = True
+    inherit_fds: list[tuple[int, str]] = field(default_factory=list)
+    cgroup_root: str | None = None
+    evasive_devices: bool = True
+    log_file: str = "restore.log"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for fd, key in self.inherit_fds:
+            if fd < 0 or not key:
+                raise InvalidArgument(f"bad inherit fd ({fd}, {key!r})")
 
 
 def dump_options_from_bundle(

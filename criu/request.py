@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from kybernate.protos import criu_rpc_pb2 as rpc
 
-from .options import DumpOptions, RestoreOptions
+from .options import CriuOptions, DumpOptions, RestoreOptions
 
 _CGROUP_MODE = {
     "ignore": rpc.IGNORE,
@@ -23,58 +23,19 @@ _CGROUP_MODE = {
 }
 
 
-def dump_request(opts: DumpOptions, *, images_dir_fd: int, work_dir_fd: int,
-                 notify_scripts: bool) -> rpc.criu_req:
-    """A DUMP criu_req for `opts`."""
-    o = rpc.criu_opts(
-        images_dir_fd=images_dir_fd,
-        work_dir_fd=work_dir_fd,
-        pid=opts.pid,
-        root=str(opts.root),
-        log_file=opts.log_file,
-        log_level=opts.log_level,
-        leave_running=opts.leave_running,
-        tcp_established=opts.tcp_established,
-        ext_unix_sk=opts.ext_unix_sk,
-        file_locks=opts.file_locks,
-        shell_job=opts.shell_job,
-        orphan_pts_master=opts.orphan_pts_master,
-        manage_cgroups=opts.manage_cgroups,
-        manage_cgroups_mode=_CGROUP_MODE[opts.manage_cgroups_mode],
-        notify_scripts=notify_scripts,
-        empty_ns=opts.empty_ns,
-        auto_dedup=opts.auto_dedup,
-        track_mem=opts.track_mem,
-    )
-    if opts.freeze_cgroup:
-        o.freeze_cgroup = opts.freeze_cgroup
-    if opts.timeout_s is not None:
-        o.timeout = opts.timeout_s
-    if opts.parent_img:
-        o.parent_img = opts.parent_img
-    if opts.config_file:
-        o.config_file = opts.config_file
-    o.external.extend(opts.external)
-    for key, val in opts.ext_mounts:
-        o.ext_mnt.add(key=key, val=val)
-    return rpc.criu_req(type=rpc.DUMP, opts=o)
-
-
-def restore_request(opts: RestoreOptions, *, images_dir_fd: int, work_dir_fd: int,
-                    notify_scripts: bool) -> rpc.criu_req:
-    """A RESTORE criu_req for `opts`."""
+def _common_opts(opts: CriuOptions, *, images_dir_fd: int, work_dir_fd: int,
+                 notify_scripts: bool) -> rpc.criu_opts:
+    """The criu_opts fields a dump and a restore request fill alike."""
     o = rpc.criu_opts(
         images_dir_fd=images_dir_fd,
         work_dir_fd=work_dir_fd,
         log_file=opts.log_file,
         log_level=opts.log_level,
-        rst_sibling=opts.rst_sibling,
         tcp_established=opts.tcp_established,
         ext_unix_sk=opts.ext_unix_sk,
         file_locks=opts.file_locks,
         shell_job=opts.shell_job,
         orphan_pts_master=opts.orphan_pts_master,
-        evasive_devices=opts.evasive_devices,
         manage_cgroups=opts.manage_cgroups,
         manage_cgroups_mode=_CGROUP_MODE[opts.manage_cgroups_mode],
         notify_scripts=notify_scripts,
@@ -82,8 +43,6 @@ def restore_request(opts: RestoreOptions, *, images_dir_fd: int, work_dir_fd: in
     )
     if opts.root is not None:
         o.root = str(opts.root)
-    if opts.cgroup_root:
-        o.cg_root.add(path=opts.cgroup_root)
     if opts.timeout_s is not None:
         o.timeout = opts.timeout_s
     if opts.config_file:
@@ -91,6 +50,34 @@ def restore_request(opts: RestoreOptions, *, images_dir_fd: int, work_dir_fd: in
     o.external.extend(opts.external)
     for key, val in opts.ext_mounts:
         o.ext_mnt.add(key=key, val=val)
+    return o
+
+
+def dump_request(opts: DumpOptions, *, images_dir_fd: int, work_dir_fd: int,
+                 notify_scripts: bool) -> rpc.criu_req:
+    """A DUMP criu_req for `opts`."""
+    o = _common_opts(opts, images_dir_fd=images_dir_fd, work_dir_fd=work_dir_fd,
+                     notify_scripts=notify_scripts)
+    o.pid = opts.pid
+    o.leave_running = opts.leave_running
+    o.auto_dedup = opts.auto_dedup
+    o.track_mem = opts.track_mem
+    if opts.freeze_cgroup:
+        o.freeze_cgroup = opts.freeze_cgroup
+    if opts.parent_img:
+        o.parent_img = opts.parent_img
+    return rpc.criu_req(type=rpc.DUMP, opts=o)
+
+
+def restore_request(opts: RestoreOptions, *, images_dir_fd: int, work_dir_fd: int,
+                    notify_scripts: bool) -> rpc.criu_req:
+    """A RESTORE criu_req for `opts`."""
+    o = _common_opts(opts, images_dir_fd=images_dir_fd, work_dir_fd=work_dir_fd,
+                     notify_scripts=notify_scripts)
+    o.rst_sibling = opts.rst_sibling
+    o.evasive_devices = opts.evasive_devices
+    if opts.cgroup_root:
+        o.cg_root.add(path=opts.cgroup_root)
     for fd, key in opts.inherit_fds:
         o.inherit_fd.add(fd=fd, key=key)
     return rpc.criu_req(type=rpc.RESTORE, opts=o)
