@@ -1,8 +1,8 @@
 """The agent process: start-up recovery, the gRPC server, background jobs, shutdown.
 
-Start-up order matters: the registry is opened and leftover staging directories
-(checkpoints a previous agent never committed) are marked failed and removed before
-the socket accepts a single request.
+Start-up order matters: the registry is opened and made to agree with the disk
+(`recovery`: leftover staging directories committed or removed) before the socket
+accepts a single request.
 """
 
 from __future__ import annotations
@@ -11,33 +11,29 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import socket
 from pathlib import Path
 
 import grpc
 import psutil
-from kybernate.agent import commit, naming
-from kybernate.agent.checkpoint import HostVersions, PipelineDeps
 from kybernate.agent.config import AgentConfig
-from kybernate.agent.fetch import remove_leftover_fetches
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.limits import CheckpointLimits
+from kybernate.agent.local_tier import LocalTier
+from kybernate.agent.metadata import HostVersions
 from kybernate.agent.metrics import AgentMetrics
+from kybernate.agent.pipeline import PipelineDeps
 from kybernate.agent.promoter import Promoter
-from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier
+from kybernate.agent.recovery import recover
+from kybernate.agent.registry import Registry
 from kybernate.agent.remote import RemoteTier
 from kybernate.agent.server import AgentService
-from kybernate.agent.storage import LocalTier
-from kybernate.errors import AlreadyExists, FailedPrecondition, KybernateError, NotFound
+from kybernate.errors import AlreadyExists, FailedPrecondition
 from kybernate.protos import agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-LEFTOVER_REASON = "the agent stopped before the checkpoint committed"
-#: Logs of failed checkpoints (CRIU's dump.log) kept for the operator, newest first.
-FAILED_LOGS_KEPT = 50
 #: What the grace period keeps back for cancelled checkpoints to report on their streams.
 STREAM_FLUSH_S = 5.0
 
@@ -52,14 +48,6 @@ def _check_socket_directory(directory: Path) -> None:
             f"refusing to listen in {directory}: it is owned by uid {info.st_uid} with mode"
             f" {oct(info.st_mode & 0o7777)}; the agent's socket directory must be its own and not"
             " writable by others")
-
-
-def _prune_oldest(directory: Path, keep: int) -> None:
-    if not directory.is_dir():
-        return
-    entries = sorted(directory.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 async def _runc_version() -> str:
@@ -102,7 +90,7 @@ class Agent:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.local.prepare()
         await self.registry.open()
-        await self.recover()
+        await recover(self.config, self.local, self.registry)
 
         from kybernate.criu import CriuClient
 
@@ -131,83 +119,6 @@ class Agent:
     async def _on_uploaded(self, checkpoint_id: str) -> None:
         self.metrics.uploaded()
         self.metrics.dirty_checkpoints.set(await self.registry.dirty_count())
-
-    async def recover(self) -> None:
-        """Make the registry agree with the disk before the first request.
-
-        - A staging directory whose data is complete (its draft says the dump finished,
-          on this boot) is committed; any other is a failed checkpoint and goes.
-        - A committed directory whose metadata verifies is committed, whatever its row
-          says; a row whose local data is gone (and never reached the remote tier) is
-          failed; a row still `staging` is failed.
-        - A committed directory no row knows (a lost registry) gets its row back.
-        - A download that never completed (a `.fetch-` directory) is removed.
-        - CRIU work directories of unfinished checkpoints keep their logs with the
-          other failures; only the newest `FAILED_LOGS_KEPT` are kept.
-        """
-        local, registry = self.local, self.registry
-        dirty = self.config.s3 is not None
-        for leftover in await asyncio.to_thread(remove_leftover_fetches, local):
-            log.warning("removed a download that never completed: %s", leftover)
-        for checkpoint_id, path in local.leftover_staging():
-            document = None
-            if naming.is_checkpoint_id(checkpoint_id) and not local.committed(checkpoint_id).exists():
-                try:
-                    document = await asyncio.to_thread(commit.recover, path, local.committed(checkpoint_id))
-                except (KybernateError, OSError) as exc:
-                    log.error("checkpoint %s: its complete data could not be committed: %s", checkpoint_id, exc)
-            if document is not None:
-                log.warning("committed checkpoint %s, left complete in staging by a stopped agent", checkpoint_id)
-                await asyncio.to_thread(shutil.rmtree, self.config.work_root / checkpoint_id, True)
-                continue  # its row is reconciled below, with the others
-            log.warning("removing uncommitted checkpoint %s (%s)", checkpoint_id, path)
-            with contextlib.suppress(NotFound):
-                await registry.mark_failed(checkpoint_id, LEFTOVER_REASON)
-            await asyncio.to_thread(shutil.rmtree, path, True)
-
-        rows = {row.id: row for row in await registry.all()}
-        for row in rows.values():
-            if local.has(row.id):
-                if row.state is not CheckpointState.COMMITTED:
-                    await self._reconcile_committed(row.id, dirty=dirty)
-            elif row.state is CheckpointState.STAGING:
-                await registry.mark_failed(row.id, LEFTOVER_REASON)
-            elif row.state is CheckpointState.COMMITTED and row.tier is Tier.LOCAL:
-                log.error("checkpoint %s (%s): its data is missing from %s", row.id, row.qualified_name, local.root)
-                await registry.mark_failed(row.id, f"its data is missing from the local tier {local.root}")
-        for checkpoint_id in local.committed_ids():
-            if checkpoint_id not in rows:
-                await self._reconcile_committed(checkpoint_id, dirty=dirty)
-
-        if self.config.work_root.is_dir():
-            for work in self.config.work_root.iterdir():
-                target = self.config.failed_root / work.name
-                if target.exists():
-                    await asyncio.to_thread(shutil.rmtree, work, True)
-                else:
-                    await asyncio.to_thread(shutil.move, str(work), str(target))
-        await asyncio.to_thread(_prune_oldest, self.config.failed_root, FAILED_LOGS_KEPT)
-
-    async def _reconcile_committed(self, checkpoint_id: str, *, dirty: bool) -> None:
-        """A committed directory the registry does not show as committed: verify it,
-        then record it (or leave the row as it is, if it does not verify)."""
-        try:
-            metadata = await asyncio.to_thread(commit.verify, self.local.committed(checkpoint_id))
-            row = CheckpointRow.from_metadata(metadata, tier=Tier.LOCAL, dirty=dirty)
-        except KybernateError as exc:
-            log.error("checkpoint %s in %s does not verify, leaving it alone: %s", checkpoint_id,
-                      self.local.root, exc)
-            return
-        if row.id != checkpoint_id:
-            log.error("checkpoint directory %s holds checkpoint %s; leaving it alone", checkpoint_id, row.id)
-            return
-        try:
-            await self.registry.mark_committed(checkpoint_id, size_bytes=row.size_bytes, file_count=row.file_count,
-                                               checksums=row.checksums, dirty=dirty)
-        except NotFound:
-            row = await self.registry.add_committed(row)
-        log.warning("registry: checkpoint %s (%s) is committed on disk; recorded so", checkpoint_id,
-                    row.qualified_name)
 
     async def _listen(self) -> None:
         path = self.config.socket

@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 
 from kybernate.agent import commit, naming
+from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.remote import RemoteTier
-from kybernate.agent.storage import LocalTier
 from kybernate.api import layout
 from kybernate.errors import FailedPrecondition
 

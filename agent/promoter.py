@@ -16,9 +16,9 @@ import random
 from collections.abc import Awaitable, Callable
 
 from kybernate.agent.config import S3Config
+from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.registry import CheckpointState, Registry
 from kybernate.agent.remote import RemoteTier
-from kybernate.agent.storage import LocalTier
 from kybernate.errors import Cancelled, InvalidArgument, KybernateError
 
 log = logging.getLogger(__name__)

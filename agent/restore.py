@@ -24,9 +24,9 @@ from kybernate.agent import access, commit, naming
 from kybernate.agent.access import ConfiguredShare, Party
 from kybernate.agent.fetch import Fetcher
 from kybernate.agent.gpu import GpuControl
+from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier, split_reference
 from kybernate.agent.remote import RemoteTier
-from kybernate.agent.storage import LocalTier
 from kybernate.errors import DataLoss, FailedPrecondition, InvalidArgument, KybernateError, NotFound
 
 log = logging.getLogger(__name__)

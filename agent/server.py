@@ -17,7 +17,8 @@ import grpc
 import kybernate
 from kybernate.agent import commit, naming
 from kybernate.agent.access import Party, Share, configured_shares
-from kybernate.agent.checkpoint import CheckpointPipeline, PipelineDeps, plan_checkpoint
+from kybernate.agent.pipeline import CheckpointPipeline, PipelineDeps
+from kybernate.agent.plan import plan_checkpoint
 from kybernate.agent.progress import ProgressChannel
 from kybernate.agent.registry import CheckpointRow, CheckpointState
 from kybernate.agent.remote import RemoteTier

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kybernate.agent import commit, naming
+from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.registry import Registry
-from kybernate.agent.storage import LocalTier
 
 CRIU_VERSION = "4.2.1"
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from kybernate.agent import commit
 from kybernate.agent.fetch import Fetcher, fetch_path, remove_leftover_fetches
+from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.remote import RemoteTier
-from kybernate.agent.storage import LocalTier
 from kybernate.errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 
 from tests.support.checkpoints import committed, tree
@@ -82,7 +82,7 @@ from pathlib import Path
 from kybernate.agent.config import S3Config
 from kybernate.agent.fetch import Fetcher
 from kybernate.agent.remote import RemoteTier
-from kybernate.agent.storage import LocalTier
+from kybernate.agent.local_tier import LocalTier
 
 config, tier, checkpoint_id = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 remote = RemoteTier(S3Config(**config))

@@ -13,18 +13,14 @@ from typing import Any
 
 import pytest
 from kybernate.agent import naming
-from kybernate.agent.checkpoint import (
-    CheckpointPipeline,
-    CheckpointPlan,
-    ContainerCondition,
-    HostVersions,
-    PipelineDeps,
-)
 from kybernate.agent.config import AgentConfig
 from kybernate.agent.limits import CheckpointLimits
+from kybernate.agent.local_tier import LocalTier
+from kybernate.agent.metadata import HostVersions
 from kybernate.agent.metrics import AgentMetrics
+from kybernate.agent.pipeline import CheckpointPipeline, ContainerCondition, PipelineDeps
+from kybernate.agent.plan import CheckpointPlan
 from kybernate.agent.registry import CheckpointState, Registry
-from kybernate.agent.storage import LocalTier
 from kybernate.cuda import CudaState
 from kybernate.errors import DeadlineExceeded, Internal
 from kybernate.protos import agent_pb2

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from kybernate.agent.fetch import Fetcher
+from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.promoter import Promoter
 from kybernate.agent.registry import Registry, Tier
 from kybernate.agent.remote import RemoteTier
-from kybernate.agent.storage import LocalTier
 
 from tests.support.checkpoints import committed, register, tree
 from tests.support.s3 import S3Server, running_s3, s3_config

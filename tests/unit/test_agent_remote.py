@@ -19,8 +19,8 @@ from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 from kybernate.agent import commit
 from kybernate.agent.fetch import Fetcher
+from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.remote import RemoteTier, crc32_base64
-from kybernate.agent.storage import LocalTier
 from kybernate.errors import DataLoss, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 from tests.support.checkpoints import CRIU_VERSION, committed, tree
@@ -84,7 +84,7 @@ from pathlib import Path
 from kybernate.agent.config import S3Config
 from kybernate.agent.fetch import Fetcher
 from kybernate.agent.remote import RemoteTier
-from kybernate.agent.storage import LocalTier
+from kybernate.agent.local_tier import LocalTier
 
 config, directory, checkpoint_id, other = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 remote = RemoteTier(S3Config(**config))

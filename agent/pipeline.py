@@ -5,45 +5,43 @@
 Each phase is reported as it happens. The pipeline tracks what it has done to the
 container (`ContainerCondition`) so that, on any failure, it knows whether it can
 bring the container back (thaw, CUDA restore, unlock) or must tell the shim to kill it.
+
+The request was validated before (`plan`); the writable layer is `writable_layer`'s,
+the metadata document `metadata`'s, and sealing the directory `commit`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import enum
 import logging
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
-from kybernate import mountinfo
-from kybernate.agent import commit, naming
+from kybernate.agent import commit, writable_layer
 from kybernate.agent.config import AgentConfig
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.limits import CheckpointLimits
+from kybernate.agent.local_tier import LocalTier
+from kybernate.agent.metadata import HostVersions, checkpoint_metadata
 from kybernate.agent.metrics import AgentMetrics
+from kybernate.agent.plan import CheckpointPlan, check_disk
 from kybernate.agent.promoter import Promoter
 from kybernate.agent.registry import Registry
-from kybernate.agent.storage import LocalTier
 from kybernate.api.layout import ROOTFS_DIFF_FILE
 from kybernate.cuda import CudaState
 from kybernate.errors import (
     Cancelled,
     DeadlineExceeded,
-    FailedPrecondition,
     Internal,
-    InvalidArgument,
     KybernateError,
     NotFound,
-    ResourceExhausted,
     StatusCode,
 )
 from kybernate.protos import agent_pb2
@@ -51,7 +49,6 @@ from kybernate.runtime.cgroups import Cgroup
 
 log = logging.getLogger(__name__)
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
 FREEZE_TIMEOUT_S = 30.0
 
 
@@ -80,48 +77,6 @@ _TRANSITIONS: dict[ContainerCondition, frozenset[ContainerCondition]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointPlan:
-    """A validated request."""
-
-    checkpoint_id: str
-    name: str
-    container_id: str
-    namespace: str
-    pod_namespace: str
-    bundle: Path
-    runc_root: str
-    init_pid: int
-    destination: Path | None
-    exit: bool
-    open_tcp: bool
-    external_unix_sockets: bool
-    terminal: bool
-    file_locks: bool
-    rootfs_upperdir: Path | None
-    gpu_lock_timeout_ms: int
-    deadline_s: float | None
-    image_ref: str
-    labels: Mapping[str, str]
-    memory_estimate: int
-
-    def options_record(self) -> dict[str, Any]:
-        return {
-            "exit": self.exit, "open_tcp": self.open_tcp,
-            "external_unix_sockets": self.external_unix_sockets, "terminal": self.terminal,
-            "file_locks": self.file_locks, "rootfs_diff": self.rootfs_upperdir is not None,
-            "gpu_lock_timeout_ms": self.gpu_lock_timeout_ms,
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class HostVersions:
-    kernel: str
-    criu: str
-    runc: str
-    cuda_driver: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
 class PipelineDeps:
     config: AgentConfig
     registry: Registry
@@ -141,104 +96,6 @@ def _fault_hold(where: str, seconds: float) -> None:
     """Fault injection (tests): stall a blocking step, e.g. the commit's thread."""
     log.warning("fault injection: holding %.1fs %s", seconds, where)
     time.sleep(seconds)
-
-
-def overlay_upperdir(pid: int) -> Path | None:
-    """The upperdir of the overlay mounted at the container's root, if it is one."""
-    try:
-        upperdir = mountinfo.overlay_upperdir(mountinfo.of_process(pid), "/")
-    except OSError:
-        return None
-    return Path(upperdir) if upperdir is not None else None
-
-
-def sync_container_fs(pid: int) -> None:
-    """syncfs() of the filesystem holding the container's root: its writable layer
-    reaches the disk as the frozen tasks left it, without a node-wide sync()."""
-    fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _LIBC.syncfs(fd) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"syncfs of the root of pid {pid}: {os.strerror(errno)}")
-    finally:
-        os.close(fd)
-
-
-def _container_rss(pid: int) -> int:
-    """Resident memory of every process in the container's cgroup: what a dump writes."""
-    try:
-        pids = list(Cgroup.for_pid(pid).pids())
-    except (KybernateError, OSError):
-        pids = [pid]
-    total = 0
-    for p in pids:
-        try:
-            total += psutil.Process(p).memory_info().rss
-        except psutil.Error:
-            continue
-    return total
-
-
-def check_disk(local: LocalTier, config: AgentConfig, needed: int, container_id: str) -> None:
-    """ResourceExhausted unless the local tier keeps `min_free_bytes` after `needed` more."""
-    free = local.free_bytes()
-    if free - needed < config.min_free_bytes:
-        raise ResourceExhausted(
-            f"checkpoint of {container_id}: {local.root} has {free} bytes free; the dump needs"
-            f" about {needed} and {config.min_free_bytes} must stay free")
-
-
-def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, local: LocalTier) -> CheckpointPlan:
-    """Validate a request without touching the container (phase `accepted`)."""
-    if not request.container_id:
-        raise InvalidArgument("checkpoint: container_id is required")
-    if request.init_pid <= 0:
-        raise InvalidArgument(f"checkpoint of {request.container_id}: init_pid is required")
-    pid = int(request.init_pid)
-    if not psutil.pid_exists(pid):
-        raise NotFound(f"checkpoint of {request.container_id}: init pid {pid} is not running")
-    bundle = Path(request.bundle)
-    if not bundle.is_absolute() or not os.access(bundle / "config.json", os.R_OK):
-        raise FailedPrecondition(f"checkpoint of {request.container_id}: bundle {bundle} has no readable config.json")
-    destination = Path(request.destination) if request.destination else None
-    if destination is not None:
-        if not destination.is_absolute():
-            raise InvalidArgument(f"checkpoint destination {destination} must be absolute")
-        probe = destination if destination.exists() else destination.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            raise FailedPrecondition(f"checkpoint destination {destination} is not writable")
-    if request.namespace:
-        naming.containerd_namespace(request.namespace)
-    if request.pod_namespace:
-        naming.kubernetes_namespace(request.pod_namespace)
-    checkpoint_id = naming.new_checkpoint_id()
-    # The default name carries the id: unique without relying on the clock's second.
-    name = naming.checkpoint_name(request.name or f"{request.container_id}-{checkpoint_id}")
-
-    options = request.options
-    upperdir = None
-    if options.rootfs_diff:
-        upperdir = overlay_upperdir(pid)
-        if upperdir is None or not upperdir.is_dir():
-            raise FailedPrecondition(
-                f"checkpoint of {request.container_id}: rootfs_diff asked, but its root is not an overlay mount")
-
-    memory = _container_rss(pid)
-    local.prepare()
-    check_disk(local, config, memory, request.container_id)
-
-    return CheckpointPlan(
-        checkpoint_id=checkpoint_id, name=name, container_id=request.container_id,
-        namespace=request.namespace, pod_namespace=request.pod_namespace, bundle=bundle, runc_root=request.runc_root, init_pid=pid,
-        destination=destination,
-        exit=options.exit if options.HasField("exit") else not config.default_leave_running,
-        open_tcp=options.open_tcp if options.HasField("open_tcp") else config.default_open_tcp,
-        external_unix_sockets=options.external_unix_sockets, terminal=options.terminal,
-        file_locks=options.file_locks, rootfs_upperdir=upperdir,
-        gpu_lock_timeout_ms=options.gpu_lock_timeout_ms or config.gpu_lock_timeout_ms,
-        deadline_s=options.deadline_ms / 1000 if options.deadline_ms else None,
-        image_ref=request.image_ref, labels=dict(request.labels), memory_estimate=memory,
-    )
 
 
 class CheckpointPipeline:
@@ -377,7 +234,7 @@ class CheckpointPipeline:
 
         await cgroup.freeze(FREEZE_TIMEOUT_S)
         self._advance(ContainerCondition.FROZEN)
-        await asyncio.to_thread(sync_container_fs, plan.init_pid)
+        await asyncio.to_thread(writable_layer.sync_container_fs, plan.init_pid)
         await self._phase(agent_pb2.FROZEN)
 
         await self._dump(cgroup)
@@ -396,7 +253,7 @@ class CheckpointPipeline:
         # dump will expect, and after the dump the data is complete at once.
         await asyncio.to_thread(write_descriptors, self._staging, plan.init_pid)
         if plan.rootfs_upperdir is not None:
-            await self._save_rootfs_diff(plan.rootfs_upperdir)
+            await writable_layer.save_diff(plan.rootfs_upperdir, self._staging / ROOTFS_DIFF_FILE)
         options = dump_options_from_bundle(
             plan.bundle, pid=plan.init_pid, images_dir=self._staging, work_dir=self._work_dir,
             freeze_cgroup=cgroup.freezer_path(), leave_running=not plan.exit,
@@ -413,16 +270,6 @@ class CheckpointPipeline:
         await asyncio.to_thread(commit.write_draft, self._staging, self._metadata(), commit.DRAFT_COMPLETE,
                                 work_dir=self._work_dir)
         self._data_complete = True
-
-    async def _save_rootfs_diff(self, upperdir: Path) -> None:
-        process = await asyncio.create_subprocess_exec(
-            "tar", "--xattrs", "--numeric-owner", "-C", str(upperdir), "-cf",
-            str(self._staging / ROOTFS_DIFF_FILE), ".",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        _, stderr = await process.communicate()
-        if process.returncode != 0:
-            raise FailedPrecondition(f"saving the rootfs diff of {upperdir} failed: "
-                                     f"{stderr.decode(errors='replace').strip()}")
 
     async def _bring_back(self) -> None:
         """After a successful dump that leaves the container running."""
@@ -453,21 +300,10 @@ class CheckpointPipeline:
     # -- the commit ---------------------------------------------------------------
 
     def _metadata(self) -> dict[str, Any]:
-        plan, deps = self._plan, self._deps
-        return {
-            "id": plan.checkpoint_id,
-            "name": plan.name,
-            "created_at": datetime.now(UTC).isoformat(),
-            "container": {"id": plan.container_id, "namespace": plan.namespace,
-                          "pod_namespace": plan.pod_namespace, "image": plan.image_ref,
-                          "labels": dict(plan.labels), "bundle": str(plan.bundle)},
-            "host": {"kernel": deps.versions.kernel, "criu_version": deps.versions.criu,
-                     "runc_version": deps.versions.runc},
-            "cuda": {**self._inventory, "backend": deps.gpu.backend_name, "pids": self._cuda_pids,
-                     "driver_version": deps.versions.cuda_driver, "steps": self._cuda_steps},
-            "options": plan.options_record(),
-            "timings_ms": dict(self._timings),
-        }
+        return checkpoint_metadata(
+            self._plan, self._deps.versions, cuda_backend=self._deps.gpu.backend_name,
+            cuda_inventory=self._inventory, cuda_pids=self._cuda_pids, cuda_steps=self._cuda_steps,
+            timings_ms=self._timings)
 
     async def _commit(self) -> None:
         """Seal the complete data, then hand it to containerd and the remote tier. After
