@@ -1,18 +1,7 @@
 """Restore through the node agent: the `RestoreStrategy` the shim runs at Start.
 
-Three ways in, each told apart so the agent can apply the right trust:
-- containerd's: `CreateTaskRequest.checkpoint` names the directory containerd
-  unpacked the checkpoint into (`ctr container restore --live`); Kybernate removes
-  that directory once the restore has consumed it (containerd 1.7 never does, and each
-  one is a full copy of the images);
-- the spec annotation `io.kybernate.restore-from` naming a registry checkpoint (an
-  id, a name in the container's namespace, or namespace/name): the Kubernetes path;
-  the agent restores it only into the namespace that took it, or one it was shared
-  with;
-- the same annotation naming a host directory (absolute path): only under the roots
-  the agent's configuration allows.
-`SpecRestoreSource` turns the annotation into the request's checkpoint, so Create
-prepares a restore instead of `runc create`.
+Where the checkpoint comes from is `restore_source`'s; the writable layer saved with
+it is applied by `rootfs_diff`.
 
 At Start, in this order, and Running only when all of it succeeded:
 1. PrepareRestore: the agent authorizes, verifies metadata.json, every checksum, the
@@ -35,55 +24,32 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kybernate import mountinfo
 from kybernate.api.client import AgentClient
-from kybernate.api.layout import METADATA_FILE, ROOTFS_DIFF_FILE
-from kybernate.errors import FailedPrecondition, InvalidArgument, KybernateError
+from kybernate.errors import FailedPrecondition, KybernateError
 from kybernate.oci import load_spec
 from kybernate.runtime.container import kill_everything
 from kybernate.shim import rootfs_diff
 from kybernate.shim.agent_settings import (
     POD_NAMESPACE_ANNOTATION,
     agent_socket,
-    restore_from,
     spec_annotations,
 )
+from kybernate.shim.restore_source import containerd_checkpoint_dir, prepare_request
 
 if TYPE_CHECKING:
-    from kybernate.protos import agent_pb2, shim_pb2
+    from kybernate.protos import agent_pb2
     from kybernate.runtime.process import InitProcess
     from kybernate.runtime.stdio import ProcessIO
 
 log = logging.getLogger(__name__)
 
-#: Marks a registry checkpoint (id, name or namespace/name) in `InitProcess.checkpoint_dir`.
-REGISTRY_PREFIX = "kybernate-checkpoint:"
-#: Marks a host directory an annotation named (not containerd's own directory).
-HOST_DIRECTORY_PREFIX = "kybernate-directory:"
-#: The prefix of the temporary directories containerd unpacks checkpoints into.
-CONTAINERD_CHECKPOINT_PREFIX = "ctrd-checkpoint"
 #: PrepareRestore may download a checkpoint from S3: give it time.
 PREPARE_TIMEOUT_S = 1800.0
 COMPLETE_TIMEOUT_S = 600.0
-
-
-class SpecRestoreSource:
-    """Create's seam: a container annotated `io.kybernate.restore-from` is created as
-    a restore of that checkpoint (the Kubernetes path, where there is no ctr)."""
-
-    def checkpoint_for(self, request: shim_pb2.CreateTaskRequest) -> str:
-        """What the init should restore from ("" for an ordinary create)."""
-        if request.checkpoint:
-            return request.checkpoint
-        source = restore_from(load_spec(Path(request.bundle)))
-        if not source:
-            return ""
-        return HOST_DIRECTORY_PREFIX + source if os.path.isabs(source) else REGISTRY_PREFIX + source
 
 
 class AgentRestore:
@@ -100,8 +66,8 @@ class AgentRestore:
         if not source:
             raise FailedPrecondition(f"{process.id}: no checkpoint to restore from")
         spec = load_spec(process.bundle)
-        prepare = _prepare_request(source, process.namespace,
-                                   spec_annotations(spec).get(POD_NAMESPACE_ANNOTATION, ""))
+        prepare = prepare_request(source, process.namespace,
+                                  spec_annotations(spec).get(POD_NAMESPACE_ANNOTATION, ""))
         socket = agent_socket(spec, self._environ)
         try:
             return await self._restore(process, prepare, socket)
@@ -127,7 +93,7 @@ class AgentRestore:
             metadata = _metadata(prepared)
             log.info("restore of %s: checkpoint %s verified at %s", process.id,
                      prepared.checkpoint_id or source, image_dir)
-            await asyncio.to_thread(_apply_rootfs_diff, image_dir, process.bundle / "rootfs")
+            await asyncio.to_thread(rootfs_diff.apply_saved_layer, image_dir, process.bundle / "rootfs")
             pid = await self._runc_restore(process, image_dir, metadata.get("options") or {})
             try:
                 completed = await client.complete_restore(
@@ -170,42 +136,6 @@ class AgentRestore:
             raise
 
 
-def _prepare_request(source: str, namespace: str, pod_namespace: str) -> agent_pb2.PrepareRestoreRequest:
-    from kybernate.protos import agent_pb2
-
-    request = agent_pb2.PrepareRestoreRequest(namespace=namespace, pod_namespace=pod_namespace)
-    if source.startswith(REGISTRY_PREFIX):
-        reference = source[len(REGISTRY_PREFIX):]
-        if not reference:
-            raise InvalidArgument("restore: empty checkpoint name")
-        request.checkpoint = reference
-        return request
-    if source.startswith(HOST_DIRECTORY_PREFIX):
-        request.host_directory = source[len(HOST_DIRECTORY_PREFIX):]
-        return request
-    directory = Path(source)
-    if not directory.is_dir():
-        raise FailedPrecondition(f"restore: checkpoint directory {directory} does not exist")
-    if not (directory / METADATA_FILE).is_file():
-        raise FailedPrecondition(f"restore: {directory} has no {METADATA_FILE}: not a Kybernate checkpoint "
-                                 "(checkpoints made by other tools are not restored)")
-    request.directory = str(directory)
-    return request
-
-
-def containerd_checkpoint_dir(source: str) -> Path | None:
-    """The directory if `source` is one containerd unpacked a checkpoint into for this
-    restore (a `ctrd-checkpoint*` directory in its runtime or temporary directory)."""
-    if not source or source.startswith((REGISTRY_PREFIX, HOST_DIRECTORY_PREFIX)):
-        return None
-    directory = Path(source)
-    homes = {Path(os.environ[k]) for k in ("XDG_RUNTIME_DIR", "TMPDIR") if os.environ.get(k)}
-    homes.add(Path(tempfile.gettempdir()))
-    if directory.name.startswith(CONTAINERD_CHECKPOINT_PREFIX) and directory.parent in homes:
-        return directory
-    return None
-
-
 def _metadata(prepared: agent_pb2.PrepareRestoreResponse) -> dict[str, Any]:
     try:
         document = json.loads(prepared.metadata_json or "{}")
@@ -234,15 +164,3 @@ async def _undo_restore(process: InitProcess, pid: int) -> None:
         process.pid_file.unlink()
 
 
-def _apply_rootfs_diff(image_dir: Path, rootfs: Path) -> None:
-    """Unpack the checkpoint's writable layer into the rootfs, unless containerd
-    already applied one (`ctr container restore --rw`: the upperdir is not empty)."""
-    diff = image_dir / ROOTFS_DIFF_FILE
-    if not diff.is_file():
-        return
-    upper = mountinfo.overlay_upperdir(mountinfo.read(), os.path.realpath(rootfs))
-    if upper is not None and any(Path(upper).iterdir()):
-        log.info("restore: %s has a writable layer already; not applying %s", rootfs, diff)
-        return
-    rootfs_diff.apply(diff, rootfs)
-    log.info("restore: applied %s to %s", diff, rootfs)

@@ -11,11 +11,16 @@ hide what was below. Device nodes and anything else exotic are refused.
 
 Python 3.11.2 (Debian 12) has no tarfile extraction filters; the chroot is the
 boundary instead, and the member checks below say what is refused and why.
+
+`apply_saved_layer` is the restore's entry: it skips a layer containerd applied already.
+The child runs this module (`python -I -m kybernate.shim.rootfs_diff`), so it imports
+little.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -23,7 +28,11 @@ import sys
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from kybernate import mountinfo
+from kybernate.api.layout import ROOTFS_DIFF_FILE
 from kybernate.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
 
 _OPAQUE_XATTR = "SCHILY.xattr.trusted.overlay.opaque"
 APPLY_TIMEOUT_S = 600.0
@@ -39,6 +48,20 @@ def apply(diff: Path, rootfs: Path) -> None:
     if result.returncode != 0:
         reason = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {result.returncode}"]
         raise FailedPrecondition(f"restore: the writable layer {diff} was not applied: {reason[0]}")
+
+
+def apply_saved_layer(image_dir: Path, rootfs: Path) -> None:
+    """Unpack the checkpoint's writable layer into the rootfs, unless containerd
+    already applied one (`ctr container restore --rw`: the upperdir is not empty)."""
+    diff = image_dir / ROOTFS_DIFF_FILE
+    if not diff.is_file():
+        return
+    upper = mountinfo.overlay_upperdir(mountinfo.read(), os.path.realpath(rootfs))
+    if upper is not None and any(Path(upper).iterdir()):
+        log.info("restore: %s has a writable layer already; not applying %s", rootfs, diff)
+        return
+    apply(diff, rootfs)
+    log.info("restore: applied %s to %s", diff, rootfs)
 
 
 def _inside(name: str) -> str:

@@ -116,7 +116,8 @@ async def serve(flags: ShimFlags, sock: socket.socket) -> None:
     reaper.start()
     publisher = EventPublisher(flags.ttrpc_address, flags.namespace)
     from kybernate.shim.checkpoint import AgentCheckpointer, AgentGpuLock
-    from kybernate.shim.restore import AgentRestore, SpecRestoreSource
+    from kybernate.shim.restore import AgentRestore
+    from kybernate.shim.restore_source import SpecRestoreSource
 
     service = TaskService(namespace=flags.namespace, shim_id=flags.id, publisher=publisher,
                           reaper=reaper, shutdown=shutdown, checkpointer=AgentCheckpointer(),

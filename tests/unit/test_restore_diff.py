@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from kybernate.errors import FailedPrecondition
-from kybernate.shim.restore import _apply_rootfs_diff
+from kybernate.shim.rootfs_diff import apply_saved_layer
 
 
 def _diff(image_dir: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> None:
@@ -78,7 +78,7 @@ def test_files_land_and_whiteouts_delete(layout: tuple[Path, Path, Path]) -> Non
     (rootfs / "etc" / "gone").write_text("deleted in the container")
     _diff(image, _file("./tmp/count", b"41\n"), _device("./etc/gone", 0, 0),
           _symlink("./link", "/bin/busybox"), _hardlink("./tmp/again", "./tmp/count"))
-    _apply_rootfs_diff(image, rootfs)
+    apply_saved_layer(image, rootfs)
     assert (rootfs / "tmp" / "count").read_bytes() == b"41\n"
     assert not (rootfs / "etc" / "gone").exists()
     assert os.readlink(rootfs / "link") == "/bin/busybox"  # resolves inside the container: kept
@@ -90,7 +90,7 @@ def test_names_leading_out_are_refused(layout: tuple[Path, Path, Path], name: st
     image, rootfs, outside = layout
     _diff(image, _file(name, b"x"))
     with pytest.raises(FailedPrecondition, match="outside the container's root"):
-        _apply_rootfs_diff(image, rootfs)
+        apply_saved_layer(image, rootfs)
     assert not (image.parent / "escaped").exists()
     _untouched(outside)
 
@@ -99,7 +99,7 @@ def test_a_hardlink_leading_out_is_refused(layout: tuple[Path, Path, Path]) -> N
     image, rootfs, outside = layout
     _diff(image, _hardlink("./stolen", "../outside/precious"))
     with pytest.raises(FailedPrecondition, match="outside the container's root"):
-        _apply_rootfs_diff(image, rootfs)
+        apply_saved_layer(image, rootfs)
     assert not (rootfs / "stolen").exists()
     _untouched(outside)
 
@@ -111,7 +111,7 @@ def test_a_symlink_in_the_archive_cannot_carry_writes_out(layout: tuple[Path, Pa
     # Inside the chroot the symlink's target is a path in the container's root, which
     # does not exist: the write is refused (it could only ever land inside).
     with pytest.raises(FailedPrecondition, match="sneaky"):
-        _apply_rootfs_diff(image, rootfs)
+        apply_saved_layer(image, rootfs)
     _untouched(outside)
     assert os.readlink(rootfs / "sneaky") == str(outside)
 
@@ -124,7 +124,7 @@ def test_a_symlink_in_the_lower_layer_cannot_carry_writes_out(layout: tuple[Path
     (rootfs / "conf").mkdir()
     (rootfs / "conf" / "precious").symlink_to(outside / "precious")
     _diff(image, _file("./conf/precious", b"overwritten"), _dir("./data"), _file("./data/planted", b"x"))
-    _apply_rootfs_diff(image, rootfs)
+    apply_saved_layer(image, rootfs)
     _untouched(outside)
     assert not (rootfs / "conf" / "precious").is_symlink()
     assert (rootfs / "conf" / "precious").read_bytes() == b"overwritten"
@@ -137,7 +137,7 @@ def test_a_lower_symlink_without_its_directory_entry_is_refused(layout: tuple[Pa
     (rootfs / "data").symlink_to(outside)
     _diff(image, _file("./data/planted", b"x"))
     with pytest.raises(FailedPrecondition):
-        _apply_rootfs_diff(image, rootfs)
+        apply_saved_layer(image, rootfs)
     _untouched(outside)
 
 
@@ -145,7 +145,7 @@ def test_device_nodes_are_refused(layout: tuple[Path, Path, Path]) -> None:
     image, rootfs, outside = layout
     _diff(image, _device("./dev/sda-again", 8, 0))
     with pytest.raises(FailedPrecondition, match="device node"):
-        _apply_rootfs_diff(image, rootfs)
+        apply_saved_layer(image, rootfs)
     assert not (rootfs / "dev" / "sda-again").exists()
     _untouched(outside)
 
@@ -155,7 +155,7 @@ def test_an_opaque_directory_hides_the_lower_contents(layout: tuple[Path, Path, 
     (rootfs / "cache").mkdir()
     (rootfs / "cache" / "old").write_text("from the image")
     _diff(image, _dir("./cache", **{"SCHILY.xattr.trusted.overlay.opaque": "y"}), _file("./cache/new", b"n"))
-    _apply_rootfs_diff(image, rootfs)
+    apply_saved_layer(image, rootfs)
     assert sorted(p.name for p in (rootfs / "cache").iterdir()) == ["new"]
 
 
@@ -164,12 +164,12 @@ def test_a_directory_keeps_what_the_lower_layer_has(layout: tuple[Path, Path, Pa
     (rootfs / "etc").mkdir()
     (rootfs / "etc" / "hosts").write_text("lower")
     _diff(image, _dir("./etc"), _file("./etc/added", b"a"))
-    _apply_rootfs_diff(image, rootfs)
+    apply_saved_layer(image, rootfs)
     assert sorted(p.name for p in (rootfs / "etc").iterdir()) == ["added", "hosts"]
 
 
 def test_a_checkpoint_without_a_diff_changes_nothing(layout: tuple[Path, Path, Path]) -> None:
     image, rootfs, _ = layout
     image.mkdir()
-    _apply_rootfs_diff(image, rootfs)
+    apply_saved_layer(image, rootfs)
     assert list(rootfs.iterdir()) == []
