@@ -139,7 +139,7 @@ class CriSettings:
 
 def _kybernate_shim_action(argv: list[bytes]) -> str | None:
     """The action of a `python -m kybernate.shim ... ACTION` command line, else None."""
-    from kybernate.shim.main import UsageError, parse_flags
+    from kybernate.shim.flags import UsageError, parse_flags
 
     if b"kybernate.shim" not in argv:
         return None

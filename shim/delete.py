@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from kybernate.shim.main import ShimFlags  # already loaded: it is the entry point
+from kybernate.shim.flags import ShimFlags  # already loaded by the entry point
 
 KILLED_EXIT_STATUS = 128 + 9
 RUNC_DELETE_TIMEOUT_S = 30.0

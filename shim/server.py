@@ -18,7 +18,7 @@ import socket
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kybernate.shim.main import ShimFlags
+    from kybernate.shim.flags import ShimFlags
 
 log = logging.getLogger("kybernate.shim")
 

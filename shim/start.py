@@ -19,7 +19,7 @@ import posixpath
 import socket
 import sys
 
-from kybernate.shim.main import ShimFlags  # already loaded: it is the entry point
+from kybernate.shim.flags import ShimFlags  # already loaded by the entry point
 
 # containerd's defaults.DefaultStateDir + "/s": fixed, whatever --state containerd runs with.
 SOCKET_DIR = "/run/containerd/s"

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 
 from kybernate.errors import InvalidArgument, Unavailable
-from kybernate.shim.main import ShimFlags
+from kybernate.shim.flags import ShimFlags
 
 # `typing` costs `start` ~5 ms of imports; type checkers treat this name as true.
 TYPE_CHECKING = False

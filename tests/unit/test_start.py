@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kybernate.shim.main import ShimFlags, UsageError, parse_flags
+from kybernate.shim.flags import ShimFlags, UsageError, parse_flags
 from kybernate.shim.start import (
     adjust_oom_score,
     can_connect,

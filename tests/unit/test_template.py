@@ -21,7 +21,7 @@ from google.protobuf import empty_pb2
 from kybernate.errors import InvalidArgument
 from kybernate.protos import shim_pb2
 from kybernate.shim import template as template_module
-from kybernate.shim.main import ShimFlags
+from kybernate.shim.flags import ShimFlags
 from kybernate.shim.start import listen_unix
 from kybernate.shim.template import (
     ARGV_ROOM,
