@@ -31,7 +31,7 @@ from typing import Any, Self
 
 import psutil
 
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, command_words
 from tests.support.images import BUSYBOX_IMAGE_REF, build_oci_archive, import_image
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -248,8 +248,9 @@ def read_process_memory(pid: int) -> ProcessMemory:
 
 
 def read_cmdline(pid: int) -> list[str]:
+    """The process's arguments, or the words of its title (a serving shim's)."""
     with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
+        return [word.decode(errors="replace") for word in command_words(f.read())]
 
 
 def descendants(pid: int) -> list[int]:
@@ -479,7 +480,8 @@ def serving_shims(containerd: Containerd) -> list[ShimProcess]:
     which is how Containerd.shim_pids() tells ours from other sessions'. A shim binary
     briefly runs as its own `start`/`delete` command too; those are not servers: the
     runc shim's `start` re-executes itself without an action, and Kybernate's serving
-    process is `python -m kybernate.shim ... serve`.
+    process is `python -m kybernate.shim ... serve`, titled as Go shims are
+    (`containerd-shim-kybernate-v1 -namespace NS -id ID -address ADDR`).
     """
     found = []
     for pid in containerd.shim_pids():

@@ -62,11 +62,11 @@ tar -C "$WORK/tree" -cf - . | xz -T0 -3 > "$CARRY/system.tar.xz"
 "$PY" -m pip download -q --only-binary=:all: --python-version "$CARRY_PYTHON" --implementation cp \
   --abi "$ABI" --abi abi3 --abi none --platform manylinux2014_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d "$CARRY/wheels" \
-  "protobuf>=6.33.5,<7" "psutil>=5.9" "grpcio==1.81.1" "prometheus-client>=0.19" \
+  "protobuf>=6.33.5,<7" "psutil>=5.9" "setproctitle>=1.3" "grpcio==1.81.1" "prometheus-client>=0.19" \
   "nvidia-ml-py>=12.570" "pytest>=8" "pytest-timeout>=2.2" 2>&1 | grep -v "WARNING: Location" || true
 "$PY" -m pip wheel -q --no-deps -w "$CARRY/wheels" . > "$WORK/wheel.log" 2>&1 \
   || { cat "$WORK/wheel.log" >&2; echo "gpu_carry: building Kybernate's wheel failed" >&2; exit 1; }
-for want in protobuf psutil grpcio prometheus_client nvidia_ml_py pytest kybernate; do
+for want in protobuf psutil setproctitle grpcio prometheus_client nvidia_ml_py pytest kybernate; do
   ls "$CARRY/wheels/$want"-*.whl >/dev/null 2>&1 \
     || { echo "gpu_carry: no wheel of $want in $CARRY/wheels" >&2; exit 1; }
 done

@@ -137,6 +137,25 @@ class CriSettings:
     cgroup_parent: str
 
 
+def command_words(cmdline: bytes) -> list[bytes]:
+    """The words of a /proc/PID/cmdline: its arguments, or the words of a title (one
+    string, as setproctitle writes it: a serving shim's `containerd-shim-kybernate-v1
+    -namespace NS -id ID -address ADDR`)."""
+    words = [word for word in cmdline.split(b"\0") if word]
+    if len(words) == 1 and b" " in words[0]:
+        return words[0].split()
+    return words
+
+
+def command_line(pid: int) -> list[str]:
+    """`command_words` of a live process, as text ([] once it is gone)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [word.decode(errors="replace") for word in command_words(cmdline)]
+
+
 def _kybernate_shim_action(argv: list[bytes]) -> str | None:
     """The action of a `python -m kybernate.shim ... ACTION` command line, else None."""
     from kybernate.shim.flags import UsageError, parse_flags
@@ -329,7 +348,7 @@ class Containerd:
             if not entry.name.isdigit():
                 continue
             try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                argv = command_words((entry / "cmdline").read_bytes())
             except OSError:
                 continue
             if self.address.encode() in argv:
@@ -342,6 +361,10 @@ class Containerd:
         return [pid for pid, argv in self._processes_with_address()
                 if b"containerd-shim" in b" ".join(argv)
                 or _kybernate_shim_action(argv) not in (None, "template")]
+
+    def shims_serving(self, container_id: str) -> list[int]:
+        """The shim processes of this containerd whose command line names the container."""
+        return [pid for pid in self.shim_pids() if container_id in command_line(pid)]
 
     def template_pids(self) -> list[int]:
         """The Kybernate shim's forking template for this containerd, when one runs."""

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+#: The binary containerd runs; the serving process takes it as its title.
+SHIM_NAME = "containerd-shim-kybernate-v1"
+
+
 
 class UsageError(Exception):
     """Bad command line; reported the way Go's flag package reports it (exit 2)."""
@@ -78,6 +82,12 @@ class ShimFlags:
     def ttrpc_address(self) -> str:
         """containerd's ttrpc endpoint for events (the TTRPC_ADDRESS it exports)."""
         return os.environ.get("TTRPC_ADDRESS") or (self.address + ".ttrpc" if self.address else "")
+
+    def process_title(self) -> str:
+        """What the serving process shows as its command line (ps, /proc/PID/cmdline)
+        and, cut to 15 bytes, its name (`containerd-shim`, which pgrep and top show):
+        what containerd's Go shims show."""
+        return f"{SHIM_NAME} -namespace {self.namespace} -id {self.id} -address {self.address}"
 
     def to_argv(self) -> list[str]:
         """Flags (not the action) in the form `parse_flags` reads back."""

@@ -14,9 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kybernate.shim.flags import UsageError, parse_flags
-
-SHIM_NAME = "containerd-shim-kybernate-v1"
+from kybernate.shim.flags import SHIM_NAME, UsageError, parse_flags
 
 
 def _finish(status: int, *, fast: bool) -> int:

@@ -1,9 +1,11 @@
 """The `serve` action: the long-lived shim process that `start` launched.
 
-It inherits the listening socket from `start` (`-socket-fd`), becomes the child
-subreaper for the containers it runs, logs into the bundle's `log` FIFO (containerd
-copies it into its own log), and serves `containerd.task.v2.Task` over ttrpc until the
-task service asks it to shut down (or SIGTERM/SIGINT arrive).
+It takes the title containerd's shims have (`containerd-shim-kybernate-v1 -namespace NS
+-id ID -address ADDR`, named `containerd-shim`), inherits the listening socket from
+`start` (`-socket-fd`), becomes the child subreaper for the containers it runs, logs
+into the bundle's `log` FIFO (containerd copies it into its own log), and serves
+`containerd.task.v2.Task` over ttrpc until the task service asks it to shut down (or
+SIGTERM/SIGINT arrive).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 import signal
 import socket
 from typing import TYPE_CHECKING
+
+from setproctitle import setproctitle
 
 if TYPE_CHECKING:
     from kybernate.shim.flags import ShimFlags
@@ -151,6 +155,9 @@ async def serve(flags: ShimFlags, sock: socket.socket) -> None:
 
 def run_server(flags: ShimFlags) -> int:
     """Process entry of `serve`; returns the exit status."""
+    # Spawned (`python -m kybernate.shim ... serve`) or forked from the template, the
+    # serving process shows itself as containerd's shims do.
+    setproctitle(flags.process_title())
     # A container closing a pipe must not kill the shim; writes then fail with EPIPE.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     bundle = flags.bundle_path

@@ -6,8 +6,8 @@ service) before it can answer containerd. The template pays that once per contai
 address: it imports everything `serve` needs, freezes the garbage collector (so the
 forked children keep sharing those pages copy-on-write), and then forks one serving
 process per request from `start`. A forked child resets what the template changed
-(signals, session, working directory, environment, argv as `ps` shows it) and runs the
-very same `run_server` that a spawned `serve` process runs.
+(signals, session, working directory, environment) and runs the very same
+`run_server` that a spawned `serve` process runs, which gives it its title.
 
 Wire protocol, on a SOCK_SEQPACKET unix socket (one message each way, so no framing):
 `start` sends a JSON `ForkRequest` with the shim's listening socket attached
@@ -55,8 +55,8 @@ CONNECT_TIMEOUT_S = 0.05
 REPLY_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 1 << 20
 # A blank last argument of the template (ignored: it follows the action) that makes
-# its argument area large enough for a serving process's command line, which each
-# forked child writes there in place (see set_process_argv).
+# its argument area large enough for the title each forked serving process gives
+# itself there (setproctitle writes it in place; see ShimFlags.process_title).
 ARGV_ROOM = " " * 4096
 MAX_REPLY_BYTES = 4096
 PROTOCOL_VERSION = 1
@@ -360,10 +360,6 @@ class Template:
                 self.retire()
             _answer(conn, {"error": str(err)})
             return stale
-        if not argv_fits(serve_argv(request.flags.replace(socket_fd=fds[0]))):
-            os.close(fds[0])
-            _answer(conn, {"error": "the serving command line does not fit the template's"})
-            return []
         try:
             pid = fork_detached(lambda: become_server(request, fds[0], close=(
                 conn, self._listener, self._lock)))
@@ -424,6 +420,7 @@ def become_server(request: ForkRequest, listen_fd: int,
     import signal
 
     from kybernate.shim.server import run_server
+    from setproctitle import setproctitle
 
     status = 1
     try:
@@ -436,53 +433,16 @@ def become_server(request: ForkRequest, listen_fd: int,
             sock.close()
         os.setsid()
         os.chdir(request.flags.bundle)
+        # setproctitle finds the argument area it writes through the environment, so
+        # the title comes before the environment is replaced (run_server sets it again).
+        setproctitle(request.flags.process_title())
         os.environ.clear()
         os.environ.update(request.env)
-        flags = request.flags.replace(socket_fd=listen_fd)
-        set_process_argv(serve_argv(flags))
-        status = run_server(flags)
+        status = run_server(request.flags.replace(socket_fd=listen_fd))
     except BaseException:  # noqa: BLE001 - nothing may unwind into the template's loop
         status = 1
     finally:
         os._exit(status)
-
-
-def serve_argv(flags: ShimFlags) -> list[str]:
-    """The command line of a spawned serving process (what `ps` should show)."""
-    return [sys.executable, "-I", "-m", "kybernate.shim", *flags.to_argv(), "serve"]
-
-
-def _encoded_argv(argv: list[str]) -> bytes:
-    return b"\0".join(arg.encode() for arg in argv) + b"\0"
-
-
-def argv_fits(argv: list[str]) -> bool:
-    start, end = _current_arg_area()
-    return len(_encoded_argv(argv)) <= end - start
-
-
-def set_process_argv(argv: list[str]) -> bool:
-    """Rewrite this process's argument area in place, so that /proc/PID/cmdline (what
-    ps, containerd's tooling and operators read) shows `argv` rather than the
-    template's command line. The area cannot grow (moving it needs CAP_SYS_RESOURCE,
-    which containers often drop), hence ARGV_ROOM in the template's own command line;
-    the rest is NUL-filled. False when `argv` does not fit."""
-    import ctypes
-
-    start, end = _current_arg_area()
-    data = _encoded_argv(argv)
-    if len(data) > end - start:
-        return False
-    ctypes.memmove(start, data.ljust(end - start, b"\0"), end - start)
-    return True
-
-
-def _current_arg_area() -> tuple[int, int]:
-    """arg_start and arg_end of this process, from /proc/self/stat (fields 48 and 49)."""
-    with open("/proc/self/stat", "rb") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return int(fields[45]), int(fields[46])
 
 
 def claim_lock(path: str) -> socket.socket | None:

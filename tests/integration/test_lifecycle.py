@@ -374,8 +374,7 @@ def test_killed_shim_is_cleaned_up_by_delete(ctd: Containerd, new_id, events) ->
     container_id = new_id()
     run_detached(ctd, container_id, "sleep", "600")
     pid = task_pid(ctd, container_id)
-    shims = [p for p in ctd.shim_pids()
-             if container_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
+    shims = ctd.shims_serving(container_id)
     assert len(shims) == 1, shims
     os.kill(shims[0], signal.SIGKILL)
     exit_line = events.wait_for_line(lambda line: "/tasks/exit" in line and container_id in line)
@@ -410,8 +409,7 @@ def test_sigterm_stops_the_shim_promptly_even_with_a_waiter(ctd: Containerd, new
     try:
         ctd.wait_task_status(container_id, "RUNNING")
         pid = task_pid(ctd, container_id)
-        shims = [p for p in ctd.shim_pids()
-                 if container_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
+        shims = ctd.shims_serving(container_id)
         assert len(shims) == 1, shims
         started = time.monotonic()
         os.kill(shims[0], signal.SIGTERM)

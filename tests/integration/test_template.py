@@ -5,6 +5,7 @@ nothing of the template outlives its containerd."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import pytest
 from kybernate.shim import template as template_module
+from kybernate.shim.flags import SHIM_NAME
 from kybernate.shim.template import template_socket_path
 
-from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
+from tests.support.containerd import KYBERNATE_RUNTIME, Containerd, command_line
 from tests.support.images import BUSYBOX_IMAGE_REF, import_image
 
 RUN = ("run", "--runtime", KYBERNATE_RUNTIME)
@@ -54,8 +56,7 @@ def new_id(made: list[str]) -> str:
 
 
 def serving_shim(ctd: Containerd, container_id: str) -> int:
-    shims = [p for p in ctd.shim_pids()
-             if container_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
+    shims = ctd.shims_serving(container_id)
     assert len(shims) == 1, shims
     return shims[0]
 
@@ -88,6 +89,16 @@ def start_sleeper(ctd: Containerd, made: list[str]) -> tuple[str, int]:
     return container_id, serving_shim(ctd, container_id)
 
 
+def assert_titled_as_containerds_shims(ctd: Containerd, shim: int, container_id: str) -> None:
+    """ps shows the serving process as containerd's Go shims show theirs, and
+    `pgrep containerd-shim` finds it."""
+    assert command_line(shim) == [SHIM_NAME, "-namespace", ctd.namespace, "-id", container_id,
+                                  "-address", ctd.address]
+    assert Path(f"/proc/{shim}/comm").read_text() == "containerd-shim\n"
+    found = subprocess.run(["pgrep", "containerd-shim"], capture_output=True, text=True, check=False)
+    assert str(shim) in found.stdout.split()
+
+
 def stop_sleeper(ctd: Containerd, container_id: str) -> None:
     ctd.ctr("task", "kill", "-s", "SIGKILL", container_id, check=True)
     ctd.wait_task_status(container_id, "STOPPED")
@@ -116,6 +127,7 @@ def test_first_start_spawns_and_launches_the_template_later_ones_fork(
     assert ctd.template_pids() == []
     first, first_shim = start_sleeper(ctd, container_ids)
     assert shared_dirty_kib(first_shim) < FORKED_SHARED_DIRTY_KIB  # spawned: no template yet
+    assert_titled_as_containerds_shims(ctd, first_shim, first)
     template = wait_for_template(ctd)
 
     # Put the template in a cgroup of its own: a forked server is born there, and
@@ -126,6 +138,7 @@ def test_first_start_spawns_and_launches_the_template_later_ones_fork(
         (own_cgroup / "cgroup.procs").write_text(str(template))
         second, second_shim = start_sleeper(ctd, container_ids)
         assert shared_dirty_kib(second_shim) >= FORKED_SHARED_DIRTY_KIB
+        assert_titled_as_containerds_shims(ctd, second_shim, second)
         assert cgroup_line(second_shim, "pids") == cgroup_line(ctd.pid, "pids")
         assert cgroup_line(second_shim, "memory") == cgroup_line(ctd.pid, "memory")
         # Detached like a spawned server: own session, not the template's child.
@@ -192,7 +205,7 @@ def test_nothing_of_the_template_outlives_its_containerd(busybox_archive: Path) 
         instance.ctr(*RUN, "--rm", BUSYBOX_IMAGE_REF, f"kyb-tpl-{os.getpid()}-once", "true",
                      check=True)
         template = wait_for_template(instance)
-        argv0 = Path(f"/proc/{template}/cmdline").read_bytes().split(b"\0")[0].decode()
+        argv0 = command_line(template)[0]
         path = template_socket_path(instance.address, argv0)
         assert os.path.exists(path)
     finally:

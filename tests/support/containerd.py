@@ -15,6 +15,8 @@ from kybernate.sandbox.containerd import (  # noqa: F401
     ContainerdRelease,
     CriRuntime,
     CriSettings,
+    command_line,
+    command_words,
     default_release,
     release_named,
 )

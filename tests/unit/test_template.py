@@ -21,7 +21,7 @@ from google.protobuf import empty_pb2
 from kybernate.errors import InvalidArgument
 from kybernate.protos import shim_pb2
 from kybernate.shim import template as template_module
-from kybernate.shim.flags import ShimFlags
+from kybernate.shim.flags import SHIM_NAME, ShimFlags
 from kybernate.shim.start import listen_unix
 from kybernate.shim.template import (
     ARGV_ROOM,
@@ -33,6 +33,8 @@ from kybernate.shim.template import (
     template_socket_path,
 )
 from kybernate.shim.ttrpc import TtrpcClient
+
+from tests.support.containerd import command_line
 
 NOBODY = 65534
 
@@ -292,16 +294,17 @@ def test_forks_a_serving_process_like_a_spawned_one(running_template: RunningTem
         template_pid = running_template.process.pid
         assert process_state(server)[0] != template_pid
         assert Path(f"/proc/{template_pid}/task/{template_pid}/children").read_text() == ""
-        # The child sets itself up concurrently; rewriting its cmdline comes last.
+        # The child sets itself up concurrently; its title comes first in run_server.
         deadline = time.monotonic() + 10
-        while b"serve" not in Path(f"/proc/{server}/cmdline").read_bytes():
-            assert time.monotonic() < deadline, "cmdline never rewritten"
+        while not Path(f"/proc/{server}/cmdline").read_bytes().startswith(SHIM_NAME.encode()):
+            assert time.monotonic() < deadline, "the serving process never took its title"
             time.sleep(0.01)
         assert os.getsid(server) == server
         assert os.readlink(f"/proc/{server}/cwd") == str(bundle)
-        argv = [a for a in Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0") if a]
-        assert [a.decode() for a in argv] == template_module.serve_argv(
-            flags.replace(bundle=str(bundle), socket_fd=int(argv[argv.index(b"-socket-fd") + 1])))
+        # What containerd's Go shims show: `pgrep containerd-shim` finds it.
+        assert command_line(server) == [SHIM_NAME, "-namespace", flags.namespace, "-id", flags.id,
+                                        "-address", flags.address]
+        assert Path(f"/proc/{server}/comm").read_text() == "containerd-shim\n"
         sigchld_ignored = int(next(line for line in Path(f"/proc/{server}/status").read_text()
                                    .splitlines() if line.startswith("SigIgn:")).split()[1], 16)
         assert not sigchld_ignored & (1 << (signal.SIGCHLD - 1))
