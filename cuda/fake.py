@@ -2,6 +2,11 @@
 its pitfalls, shared through files so that the agent (which drives it) and the tests
 (which inspect it) can be different processes.
 
+It ships with the product on purpose: the agent's `cuda.backend = "fake"` is how the
+integration tests, the benchmarks and GPU-less demos drive containers through the real
+agent, containerd, runc and CRIU with the GPU ordering in place. Nothing selects it
+unless the agent's configuration names it.
+
 - A process is a CUDA process when its environment holds KYBERNATE_FAKE_CUDA=<token>.
   State is kept per token, not per pid: after a CRIU restore the pid changes but the
   environment does not, just as the real driver state travels inside the images.
