@@ -105,6 +105,17 @@ class CudaBackend(Protocol):
         ...
 
 
+def has_checkpoint_state(backend: CudaBackend, pid: int) -> bool:
+    """Whether the driver knows a checkpoint state of `pid`: true of running CUDA
+    processes and of checkpointed ones, which hold no device file any more."""
+    validate_pid(pid)
+    try:
+        backend.get_state(pid)
+    except CudaError:
+        return False
+    return True
+
+
 _UUID_HEX = re.compile(r"^[0-9a-fA-F]{32}$")
 
 

@@ -47,6 +47,7 @@ from kybernate.cuda.backend import (
     CudaState,
     GpuInfo,
     gpu_uuid_bytes,
+    has_checkpoint_state,
     is_identity_map,
     validate_gpu_map,
     validate_pid,
@@ -217,14 +218,7 @@ class DriverApiBackend:
     # -- checkpoint state machine --------------------------------------------------------
 
     def is_cuda_process(self, pid: int) -> bool:
-        """True for any pid the driver knows a checkpoint state of: running CUDA
-        processes, and checkpointed ones, which hold no device file any more."""
-        validate_pid(pid)
-        try:
-            self.get_state(pid)
-        except CudaError:
-            return False
-        return True
+        return has_checkpoint_state(self, pid)
 
     def get_state(self, pid: int) -> CudaState:
         validate_pid(pid)

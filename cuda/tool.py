@@ -22,6 +22,7 @@ from kybernate.cuda.backend import (
     CudaLockTimeout,
     CudaState,
     GpuInfo,
+    has_checkpoint_state,
     is_identity_map,
     validate_gpu_map,
     validate_pid,
@@ -52,12 +53,7 @@ class CheckpointToolBackend:
     # -- checkpoint state machine --------------------------------------------------------
 
     def is_cuda_process(self, pid: int) -> bool:
-        validate_pid(pid)
-        try:
-            self.get_state(pid)
-        except CudaError:
-            return False
-        return True
+        return has_checkpoint_state(self, pid)
 
     def get_state(self, pid: int) -> CudaState:
         validate_pid(pid)

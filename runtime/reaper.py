@@ -291,10 +291,21 @@ class Reaper:
         """
         if not self.running:
             raise FailedPrecondition("reaper is not running; call start() on the loop first")
-        child = spawn_unwaited(
-            argv, stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=pass_fds,
-            env=env, cwd=cwd, start_new_session=start_new_session,
+        if not argv:
+            raise ValueError("empty argv")
+        proc = _UnwaitedPopen(
+            list(argv), stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds),
+            env=dict(env) if env is not None else None, cwd=cwd, close_fds=True,
+            start_new_session=start_new_session,
         )
+        child = Child(pid=proc.pid)
+        # Take the raw pipe fds away from Popen's file objects so closing is ours alone.
+        for name in ("stdin", "stdout", "stderr"):
+            fileobj = getattr(proc, name)
+            if fileobj is not None:
+                setattr(child, name, os.dup(fileobj.fileno()))
+                fileobj.close()
+                setattr(proc, name, None)
         # No SIGCHLD can be handled between the fork and here (same thread, no
         # await), so an exit already recorded for this pid belongs to an earlier
         # process that had the same number.
@@ -378,36 +389,6 @@ class _UnwaitedPopen(subprocess.Popen):  # type: ignore[type-arg]
 
     def _wait(self, timeout: float | None) -> int:
         raise Internal("this child is reaped by the Reaper; use Reaper.wait_for")
-
-
-def spawn_unwaited(
-    argv: Sequence[str],
-    *,
-    stdin: int | None = DEVNULL,
-    stdout: int | None = DEVNULL,
-    stderr: int | None = DEVNULL,
-    pass_fds: Sequence[int] = (),
-    env: Mapping[str, str] | None = None,
-    cwd: str | None = None,
-    start_new_session: bool = False,
-) -> Child:
-    """Start `argv` without ever waiting for it (whoever reaps children gets its exit)."""
-    if not argv:
-        raise ValueError("empty argv")
-    proc = _UnwaitedPopen(
-        list(argv), stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds),
-        env=dict(env) if env is not None else None, cwd=cwd, close_fds=True,
-        start_new_session=start_new_session,
-    )
-    child = Child(pid=proc.pid)
-    # Take the raw pipe fds away from Popen's file objects so closing is ours alone.
-    for name in ("stdin", "stdout", "stderr"):
-        fileobj = getattr(proc, name)
-        if fileobj is not None:
-            setattr(child, name, os.dup(fileobj.fileno()))
-            fileobj.close()
-            setattr(proc, name, None)
-    return child
 
 
 # -- non-blocking fd helpers shared by the runtime ---------------------------------

@@ -142,18 +142,10 @@ class Runc:
         args = ["restore"]
         if detach:
             args.append("--detach")
-        args += ["--image-path", image_path, "--work-path", work_path, "--bundle", bundle,
-                 "--pid-file", pid_file]
-        if tcp_established:
-            args.append("--tcp-established")
-        if ext_unix_sk:
-            args.append("--ext-unix-sk")
-        if file_locks:
-            args.append("--file-locks")
-        if manage_cgroups_mode:
-            args += ["--manage-cgroups-mode", manage_cgroups_mode]
-        for ns in empty_namespaces:
-            args += ["--empty-ns", ns]
+        args += _criu_flags(image_path, work_path, tcp_established=tcp_established, ext_unix_sk=ext_unix_sk,
+                            file_locks=file_locks, manage_cgroups_mode=manage_cgroups_mode,
+                            empty_namespaces=empty_namespaces)
+        args += ["--bundle", bundle, "--pid-file", pid_file]
         args += self._process_flags(console_socket, no_pivot=no_pivot)
         await self._run_with_io(args + [_checked_id(id)], io, subject=id)
 
@@ -164,19 +156,12 @@ class Runc:
                          empty_namespaces: Sequence[str] = ()) -> None:
         """`runc checkpoint` (CRIU dump through runc); stock runc's path, kept for
         comparison and fallback: Kybernate's own pipeline dumps through CRIU directly."""
-        args = ["checkpoint", "--image-path", image_path, "--work-path", work_path]
+        args = ["checkpoint", *_criu_flags(image_path, work_path, tcp_established=tcp_established,
+                                           ext_unix_sk=ext_unix_sk, file_locks=file_locks,
+                                           manage_cgroups_mode=manage_cgroups_mode,
+                                           empty_namespaces=empty_namespaces)]
         if leave_running:
             args.append("--leave-running")
-        if tcp_established:
-            args.append("--tcp-established")
-        if ext_unix_sk:
-            args.append("--ext-unix-sk")
-        if file_locks:
-            args.append("--file-locks")
-        if manage_cgroups_mode:
-            args += ["--manage-cgroups-mode", manage_cgroups_mode]
-        for ns in empty_namespaces:
-            args += ["--empty-ns", ns]
         await self._run(args + [_checked_id(id)], subject=id)
 
     async def kill(self, id: str, signal: int, *, all: bool = False) -> None:
@@ -370,3 +355,21 @@ def _read_from(path: str, offset: int) -> str:
             return f.read(1 << 20).decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def _criu_flags(image_path: str, work_path: str, *, tcp_established: bool, ext_unix_sk: bool,
+                file_locks: bool, manage_cgroups_mode: str | None,
+                empty_namespaces: Sequence[str]) -> list[str]:
+    """The flags `runc checkpoint` and `runc restore` share (what CRIU is told)."""
+    flags = ["--image-path", image_path, "--work-path", work_path]
+    if tcp_established:
+        flags.append("--tcp-established")
+    if ext_unix_sk:
+        flags.append("--ext-unix-sk")
+    if file_locks:
+        flags.append("--file-locks")
+    if manage_cgroups_mode:
+        flags += ["--manage-cgroups-mode", manage_cgroups_mode]
+    for ns in empty_namespaces:
+        flags += ["--empty-ns", ns]
+    return flags

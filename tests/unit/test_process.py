@@ -6,15 +6,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kybernate.errors import FailedPrecondition, KybernateError, NotFound
@@ -36,9 +31,8 @@ from kybernate.runtime.process import (
 from kybernate.runtime.reaper import Reaper
 from kybernate.runtime.runc import Runc
 
-from tests.support.bundle import make_bundle
+from tests.support.runc_sandbox import RuncSandbox, runc_sandbox, with_reaper
 
-T = TypeVar("T")
 S = ProcessState
 Op = Operation
 
@@ -322,67 +316,18 @@ def test_restore_strategy_runs_at_start_of_checkpointed_init(tmp_path: Path) -> 
 # -- real runc -------------------------------------------------------------------------
 
 
-@dataclass
-class Sandbox:
-    """A private runc root, bundles and cgroups of one test, removed afterwards."""
-
-    dir: Path
-    ids: list[str] = field(default_factory=list)
-    cgroups: list[str] = field(default_factory=list)
-
-    @property
-    def root(self) -> Path:
-        return self.dir / "runc-root"
-
-    def bundle(self, args: list[str]) -> tuple[str, Path]:
-        cid = f"kyb-proc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        cgroup = f"/{cid}"
-        self.ids.append(cid)
-        self.cgroups.append(cgroup)
-        return cid, make_bundle(self.dir / cid, args, cgroups_path=cgroup)
-
-    def runc(self, reaper: Reaper, bundle: Path) -> Runc:
-        return Runc(reaper, root=str(self.root), log_dir=str(bundle))
-
-
 @pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    box = Sandbox(Path(tempfile.mkdtemp(prefix=f"kyb-proc-{os.getpid()}-")))
-    try:
+def sandbox() -> Iterator[RuncSandbox]:
+    with runc_sandbox("proc") as box:
         yield box
-    finally:
-        for cid in box.ids:
-            subprocess.run(["runc", "--root", str(box.root), "delete", "--force", cid],
-                           capture_output=True, check=False)
-        for cgroup in box.cgroups:
-            for controller in Path("/sys/fs/cgroup").iterdir():
-                path = controller / cgroup.lstrip("/")
-                if path.is_dir():
-                    try:
-                        path.rmdir()
-                    except OSError:
-                        pass
-        shutil.rmtree(box.dir, ignore_errors=True)
-
-
-def with_reaper(body: Callable[[Reaper], Awaitable[T]], timeout: float = 60.0) -> T:
-    """Run `body` on a fresh loop with a started child-subreaper Reaper."""
-    async def main() -> T:
-        reaper = Reaper()
-        reaper.start()
-        try:
-            return await asyncio.wait_for(body(reaper), timeout)
-        finally:
-            reaper.stop()
-    return asyncio.run(main())
 
 
 async def _runc_status(runc: Runc, cid: str) -> str:
     return str((await runc.state(cid))["status"])
 
 
-def test_init_runs_to_exit_with_output(sandbox: Sandbox) -> None:
-    cid, bundle = sandbox.bundle(["sh", "-c", "read line; echo got $line; exit 3"])
+def test_init_runs_to_exit_with_output(sandbox: RuncSandbox) -> None:
+    cid, bundle = sandbox.new_bundle(["sh", "-c", "read line; echo got $line; exit 3"])
     out = sandbox.dir / "out.log"
     fifo = sandbox.dir / "stdin"
     os.mkfifo(fifo)
@@ -418,8 +363,8 @@ def test_init_runs_to_exit_with_output(sandbox: Sandbox) -> None:
     with_reaper(body)
 
 
-def test_init_pause_resume_kill(sandbox: Sandbox) -> None:
-    cid, bundle = sandbox.bundle(["sleep", "1000"])
+def test_init_pause_resume_kill(sandbox: RuncSandbox) -> None:
+    cid, bundle = sandbox.new_bundle(["sleep", "1000"])
 
     async def body(reaper: Reaper) -> None:
         runc = sandbox.runc(reaper, bundle)
@@ -445,8 +390,8 @@ def test_init_pause_resume_kill(sandbox: Sandbox) -> None:
     with_reaper(body)
 
 
-def test_exec_in_running_init(sandbox: Sandbox) -> None:
-    cid, bundle = sandbox.bundle(["sleep", "1000"])
+def test_exec_in_running_init(sandbox: RuncSandbox) -> None:
+    cid, bundle = sandbox.new_bundle(["sleep", "1000"])
     out = sandbox.dir / "exec.log"
 
     async def body(reaper: Reaper) -> None:
@@ -476,8 +421,8 @@ def test_exec_in_running_init(sandbox: Sandbox) -> None:
     with_reaper(body)
 
 
-def test_delete_of_created_init_releases_waiters(sandbox: Sandbox) -> None:
-    cid, bundle = sandbox.bundle(["sleep", "1000"])
+def test_delete_of_created_init_releases_waiters(sandbox: RuncSandbox) -> None:
+    cid, bundle = sandbox.new_bundle(["sleep", "1000"])
 
     async def body(reaper: Reaper) -> None:
         runc = sandbox.runc(reaper, bundle)

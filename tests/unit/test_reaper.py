@@ -15,21 +15,14 @@ import pytest
 from kybernate.errors import DeadlineExceeded
 from kybernate.runtime.reaper import Reaper, exit_code_from_wait_status
 
+from tests.support import runc_sandbox
+
 T = TypeVar("T")
 
 
 def with_reaper(body: Callable[[Reaper], Awaitable[T]]) -> T:
-    """Run `body` on a fresh loop with a started reaper, stopping it afterwards."""
-
-    async def main() -> T:
-        reaper = Reaper(exit_history=64)
-        reaper.start()
-        try:
-            return await asyncio.wait_for(body(reaper), 20)
-        finally:
-            reaper.stop()
-
-    return asyncio.run(main())
+    """Run `body` with a started reaper that keeps a small exit history."""
+    return runc_sandbox.with_reaper(body, timeout=20, exit_history=64)
 
 
 def parent_pid(pid: int) -> int:

@@ -5,13 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,53 +23,15 @@ from kybernate.runtime.runc import (
     last_error_message,
 )
 
-from tests.support.bundle import make_bundle
+from tests.support.runc_sandbox import RuncSandbox, runc_sandbox, with_reaper
 
 T = TypeVar("T")
 
 
-@dataclass
-class Sandbox:
-    """A private runc root plus the ids and cgroups a test made, for cleanup."""
-
-    dir: Path
-    root: Path
-    ids: list[str] = field(default_factory=list)
-    cgroups: list[str] = field(default_factory=list)
-
-    def new_id(self) -> str:
-        cid = f"kyb-runc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.ids.append(cid)
-        return cid
-
-    def new_cgroup(self) -> str:
-        path = f"/kyb-runc-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.cgroups.append(path)
-        return path
-
-    def bundle(self, cid: str, args: list[str], cgroups_path: str | None = None) -> Path:
-        return make_bundle(self.dir / cid, args, cgroups_path=cgroups_path or self.new_cgroup())
-
-
 @pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    tmp = Path(tempfile.mkdtemp(prefix=f"kyb-runc-{os.getpid()}-"))
-    box = Sandbox(dir=tmp, root=tmp / "state")
-    try:
+def sandbox() -> Iterator[RuncSandbox]:
+    with runc_sandbox("runc") as box:
         yield box
-    finally:
-        for cid in box.ids:
-            subprocess.run(["runc", "--root", str(box.root), "delete", "--force", cid],
-                           capture_output=True, check=False)
-        for cg in box.cgroups:
-            for controller in Path("/sys/fs/cgroup").iterdir():
-                path = controller / cg.lstrip("/")
-                if path.is_dir():
-                    try:
-                        path.rmdir()
-                    except OSError:
-                        pass
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class PipeIO:
@@ -103,17 +61,8 @@ class PipeIO:
                 pass
 
 
-def run_with(sandbox: Sandbox, body: Callable[[Reaper, Runc], Awaitable[T]]) -> T:
-    async def main() -> T:
-        reaper = Reaper()
-        reaper.start()
-        try:
-            runc = Runc(reaper, root=str(sandbox.root), log_dir=str(sandbox.dir))
-            return await asyncio.wait_for(body(reaper, runc), 60)
-        finally:
-            reaper.stop()
-
-    return asyncio.run(main())
+def run_with(sandbox: RuncSandbox, body: Callable[[Reaper, Runc], Awaitable[T]]) -> T:
+    return with_reaper(lambda reaper: body(reaper, sandbox.runc(reaper)))
 
 
 def read_pid(path: Path) -> int:
@@ -145,7 +94,7 @@ def test_global_args_match_containerd() -> None:
     ]
 
 
-def test_version(sandbox: Sandbox) -> None:
+def test_version(sandbox: RuncSandbox) -> None:
     async def body(reaper: Reaper, runc: Runc) -> str:
         return await runc.version()
 
@@ -154,7 +103,7 @@ def test_version(sandbox: Sandbox) -> None:
     assert version and f"runc version {version}" in expected
 
 
-def test_lifecycle_with_stdio_pause_update_kill_delete(sandbox: Sandbox) -> None:
+def test_lifecycle_with_stdio_pause_update_kill_delete(sandbox: RuncSandbox) -> None:
     cid = sandbox.new_id()
     cgroup = sandbox.new_cgroup()
     bundle = sandbox.bundle(cid, ["sh", "-c", "echo hello-out; echo hello-err >&2; exec sleep 60"],
@@ -209,7 +158,7 @@ def test_lifecycle_with_stdio_pause_update_kill_delete(sandbox: Sandbox) -> None
     run_with(sandbox, body)
 
 
-def test_exec_detached_process(sandbox: Sandbox) -> None:
+def test_exec_detached_process(sandbox: RuncSandbox) -> None:
     cid = sandbox.new_id()
     bundle = sandbox.bundle(cid, ["sleep", "60"])
 
@@ -235,7 +184,7 @@ def test_exec_detached_process(sandbox: Sandbox) -> None:
     run_with(sandbox, body)
 
 
-def test_errors_carry_runcs_message(sandbox: Sandbox) -> None:
+def test_errors_carry_runcs_message(sandbox: RuncSandbox) -> None:
     cid = sandbox.new_id()
     bundle = sandbox.bundle(cid, ["sleep", "60"])
     missing_bundle = sandbox.dir / "no-such-bundle"
@@ -269,7 +218,7 @@ def test_errors_carry_runcs_message(sandbox: Sandbox) -> None:
     run_with(sandbox, body)
 
 
-def test_restore_from_runc_checkpoint_is_our_child(sandbox: Sandbox) -> None:
+def test_restore_from_runc_checkpoint_is_our_child(sandbox: RuncSandbox) -> None:
     cid = sandbox.new_id()
     bundle = sandbox.bundle(cid, ["sh", "-c", "i=0; while true; do i=$((i+1)); sleep 0.05; done"])
     images, work = sandbox.dir / "images", sandbox.dir / "work"

@@ -6,13 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +26,7 @@ from kybernate.protos import events_pb2, runc_options_pb2, shim_pb2, task_types_
 from kybernate.runtime.reaper import Reaper
 from kybernate.shim.service import TaskService
 
-from tests.support.bundle import make_bundle
+from tests.support.runc_sandbox import RuncSandbox
 
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
@@ -54,21 +49,17 @@ class RecordingPublisher:
         return [message for t, message in self.events if t == topic]
 
 
-@dataclass
-class Sandbox:
+class Sandbox(RuncSandbox):
     """Bundles, a private runc root and cgroups for one test; all removed afterwards."""
 
-    dir: Path
-    ids: list[str] = field(default_factory=list)
-
-    @property
-    def root(self) -> Path:
-        return self.dir / "runc-root"
+    def __init__(self) -> None:
+        super().__init__("svc")
+        # Like runc's shim, runc keeps state under the root option plus the namespace.
+        self.state_root = self.root / NAMESPACE
 
     @property
     def runc_root(self) -> Path:
-        """Where runc keeps state: like runc's shim, the root option plus the namespace."""
-        return self.root / NAMESPACE
+        return self.state_root
 
     def options(self) -> any_pb2.Any:
         opts = runc_options_pb2.Options(root=str(self.root))
@@ -77,9 +68,9 @@ class Sandbox:
     def create_request(self, args: list[str], *, terminal: bool = False,
                        edit_spec: Callable[[dict[str, Any]], None] | None = None,
                        **stdio: str) -> shim_pb2.CreateTaskRequest:
-        cid = f"kyb-svc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.ids.append(cid)
-        bundle = make_bundle(self.dir / cid, args, terminal=terminal, cgroups_path=f"/{cid}")
+        cid = self.new_id()
+        self.cgroups.append(f"/{cid}")  # the tests read the container's cgroup by its id
+        bundle = self.bundle(cid, args, terminal=terminal, cgroups_path=f"/{cid}")
         if edit_spec is not None:
             config = bundle / "config.json"
             spec = json.loads(config.read_text())
@@ -91,21 +82,11 @@ class Sandbox:
 
 @pytest.fixture
 def sandbox() -> Iterator[Sandbox]:
-    box = Sandbox(Path(tempfile.mkdtemp(prefix=f"kyb-svc-{os.getpid()}-")))
+    box = Sandbox()
     try:
         yield box
     finally:
-        for cid in box.ids:
-            subprocess.run(["runc", "--root", str(box.runc_root), "delete", "--force", cid],
-                           capture_output=True, check=False)
-            for controller in Path("/sys/fs/cgroup").iterdir():
-                path = controller / cid
-                if path.is_dir():
-                    try:
-                        path.rmdir()
-                    except OSError:
-                        pass
-        shutil.rmtree(box.dir, ignore_errors=True)
+        box.cleanup()
 
 
 Body = Callable[[TaskService, RecordingPublisher, asyncio.Event], Awaitable[None]]

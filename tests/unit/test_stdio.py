@@ -11,9 +11,8 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from kybernate.errors import FailedPrecondition, InvalidArgument
@@ -22,9 +21,10 @@ from kybernate.runtime.reaper import Reaper, read_to_end, write_all
 from kybernate.runtime.runc import Runc
 from kybernate.runtime.stdio import ProcessIO, StdioKind, binary_logger_argv, stdio_kind
 
+from tests.support import runc_sandbox
 from tests.support.bundle import make_bundle
+from tests.support.runc_sandbox import with_reaper
 
-T = TypeVar("T")
 ID = f"kyb-stdio-{os.getpid()}"
 NS = "kyb-test"
 
@@ -36,18 +36,6 @@ def tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def with_reaper(body: Callable[[Reaper], Awaitable[T]]) -> T:
-    async def main() -> T:
-        reaper = Reaper()
-        reaper.start()
-        try:
-            return await asyncio.wait_for(body(reaper), 30)
-        finally:
-            reaper.stop()
-
-    return asyncio.run(main())
 
 
 def fifos(tmp: Path) -> tuple[str, str, str]:
@@ -337,12 +325,5 @@ def test_terminal_through_runc_console_socket(tmp: Path, output: str) -> None:
     try:
         with_reaper(body)
     finally:
-        subprocess.run(["runc", "--root", str(root), "delete", "--force", cid],
-                       capture_output=True, check=False)
-        for controller in Path("/sys/fs/cgroup").iterdir():
-            path = controller / cgroup.lstrip("/")
-            if path.is_dir():
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass
+        runc_sandbox.delete_runc_container(root, cid)
+        runc_sandbox.remove_cgroup(cgroup)
