@@ -135,7 +135,7 @@ class CheckpointPipeline:
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self._started) * 1000)
 
-    async def _phase(self, phase: int, **fields: Any) -> None:
+    async def _phase(self, phase: agent_pb2.Phase, **fields: Any) -> None:
         name = agent_pb2.Phase.Name(phase).lower()
         self._timings[name] = self._elapsed_ms()
         self._deps.metrics.phase_reached(name, self._timings[name] / 1000)
@@ -361,7 +361,7 @@ class CheckpointPipeline:
 
     # -- failure ----------------------------------------------------------------
 
-    async def _recover(self, deadline_passed: bool) -> int:
+    async def _recover(self, deadline_passed: bool) -> agent_pb2.ContainerState:
         """Put the container back if its state is known good; else say it must die."""
         condition = self._condition
         if condition is ContainerCondition.UNTOUCHED:
@@ -430,7 +430,7 @@ class CheckpointPipeline:
             log.exception("checkpoint %s: registry update failed", plan.checkpoint_id)
         await asyncio.to_thread(shutil.rmtree, self._staging, True)
 
-    async def _report_failure(self, exc: BaseException, state: int, message: str | None = None) -> None:
+    async def _report_failure(self, exc: BaseException, state: agent_pb2.ContainerState, message: str | None = None) -> None:
         code = exc.code if isinstance(exc, KybernateError) else StatusCode.INTERNAL
         with contextlib.suppress(Exception):  # the stream may be gone (cancelled)
             await self._report(agent_pb2.CheckpointProgress(

@@ -352,7 +352,7 @@ class Registry:
 
     async def all(self, state: CheckpointState | None = None) -> list[CheckpointRow]:
         def select() -> list[CheckpointRow]:
-            query, params = _SELECT, ()
+            query, params = _SELECT, tuple[str, ...]()
             if state is not None:
                 query, params = f"{_SELECT} WHERE state = ?", (state.value,)
             return [_row(v) for v in self._conn().execute(query + " ORDER BY created_at, id", params)]

@@ -336,7 +336,8 @@ class RemoteTier:
             if crc32_base64(meta_bytes) != expected_crc:
                 raise DataLoss(f"{where}: {layout.METADATA_FILE} does not match the server's checksum")
             try:
-                document = json.loads(meta_bytes)
+                # checked_files below refuses anything but an object with a file list.
+                document: dict[str, Any] = json.loads(meta_bytes)
             except ValueError as exc:
                 raise DataLoss(f"{where}: {layout.METADATA_FILE} is not JSON: {exc}") from None
             files = checked_files(document, checkpoint_id, where)

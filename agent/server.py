@@ -38,11 +38,11 @@ def grpc_code(code: int) -> grpc.StatusCode:
     return _GRPC_CODES.get(int(code), grpc.StatusCode.UNKNOWN)
 
 
-def status_from_errors(handler: Callable[[Any, Req], Awaitable[Resp]]) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+def status_from_errors(handler: Callable[[Any, Req], Awaitable[Resp]]) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
     """Map errors of a unary handler to gRPC statuses."""
 
     @functools.wraps(handler)
-    async def wrapped(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapped(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
             return await handler(self, request)
         except KybernateError as exc:
@@ -77,7 +77,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         await asyncio.gather(*self._pipelines, return_exceptions=True)
 
     async def Checkpoint(self, request: agent_pb2.CheckpointRequest,
-                         context: grpc.aio.ServicerContext) -> AsyncIterator[agent_pb2.CheckpointProgress]:
+                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[agent_pb2.CheckpointProgress]:
         try:
             plan = await asyncio.to_thread(plan_checkpoint, request, self._deps.config, self._deps.local)
         except KybernateError as exc:

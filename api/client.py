@@ -18,10 +18,12 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+from google.protobuf.message import Message
 from kybernate.errors import (
     DeadlineExceeded,
+    Internal,
     KybernateError,
     StatusCode,
     Unavailable,
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from kybernate.protos import agent_pb2
 
 DEFAULT_SOCKET = "/run/kybernate/agent.sock"
+
+R = TypeVar("R", bound=Message)
 
 
 class AgentClient:
@@ -101,14 +105,17 @@ class AgentClient:
             return DeadlineExceeded(f"kybernate agent at {self.socket_path}: {details or 'deadline exceeded'}")
         return error_from_status(number, details)
 
-    async def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
+    async def _unary(self, method: str, request: Message, timeout: float | None, response: type[R]) -> R:
         import grpc
 
         stub = await self._connected()
         try:
-            return await getattr(stub, method)(request, timeout=timeout)
+            answer = await getattr(stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
+        if not isinstance(answer, response):  # the generated stub is untyped: say what came
+            raise Internal(f"kybernate agent at {self.socket_path}: {method} answered {type(answer).__name__}")
+        return answer
 
     async def checkpoint(self, request: agent_pb2.CheckpointRequest, *,
                          timeout: float | None = None) -> AsyncIterator[agent_pb2.CheckpointProgress]:
@@ -126,33 +133,47 @@ class AgentClient:
 
     async def prepare_restore(self, request: agent_pb2.PrepareRestoreRequest, *,
                               timeout: float | None = None) -> agent_pb2.PrepareRestoreResponse:
-        return await self._unary("PrepareRestore", request, timeout)
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("PrepareRestore", request, timeout, agent_pb2.PrepareRestoreResponse)
 
     async def complete_restore(self, request: agent_pb2.CompleteRestoreRequest, *,
                                timeout: float | None = None) -> agent_pb2.CompleteRestoreResponse:
-        return await self._unary("CompleteRestore", request, timeout)
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("CompleteRestore", request, timeout, agent_pb2.CompleteRestoreResponse)
 
     async def lock_gpu(self, request: agent_pb2.GpuLockRequest, *,
                        timeout: float | None = None) -> agent_pb2.GpuLockResponse:
-        return await self._unary("LockGpu", request, timeout)
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("LockGpu", request, timeout, agent_pb2.GpuLockResponse)
 
     async def unlock_gpu(self, request: agent_pb2.GpuLockRequest, *,
                          timeout: float | None = None) -> agent_pb2.GpuLockResponse:
-        return await self._unary("UnlockGpu", request, timeout)
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("UnlockGpu", request, timeout, agent_pb2.GpuLockResponse)
 
     async def list_checkpoints(self, request: agent_pb2.ListCheckpointsRequest, *,
                                timeout: float | None = None) -> agent_pb2.ListCheckpointsResponse:
-        return await self._unary("ListCheckpoints", request, timeout)
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("ListCheckpoints", request, timeout, agent_pb2.ListCheckpointsResponse)
 
     async def inspect_checkpoint(self, request: agent_pb2.InspectCheckpointRequest, *,
                                  timeout: float | None = None) -> agent_pb2.InspectCheckpointResponse:
-        return await self._unary("InspectCheckpoint", request, timeout)
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("InspectCheckpoint", request, timeout, agent_pb2.InspectCheckpointResponse)
 
     async def share_checkpoint(self, request: agent_pb2.ShareCheckpointRequest, *,
                                timeout: float | None = None) -> agent_pb2.ShareCheckpointResponse:
-        return await self._unary("ShareCheckpoint", request, timeout)
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("ShareCheckpoint", request, timeout, agent_pb2.ShareCheckpointResponse)
 
     async def status(self, *, timeout: float | None = None) -> agent_pb2.StatusResponse:
         from kybernate.protos import agent_pb2
 
-        return await self._unary("Status", agent_pb2.StatusRequest(), timeout)
+        return await self._unary("Status", agent_pb2.StatusRequest(), timeout, agent_pb2.StatusResponse)

@@ -51,7 +51,7 @@ class RetryPolicy:
     call_timeout_s: float = 5.0
 
     def backoff(self, attempt: int) -> float:
-        return min(self.initial_backoff_s * (2 ** (attempt - 1)), self.max_backoff_s)
+        return min(self.initial_backoff_s * 2.0 ** (attempt - 1), self.max_backoff_s)
 
 
 class PublisherState(enum.Enum):

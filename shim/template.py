@@ -137,7 +137,7 @@ class ForkRequest:
             raise InvalidArgument("fork request must be a JSON object")
         if message.get("version") != PROTOCOL_VERSION:
             raise InvalidArgument(f"fork request version {message.get('version')!r} is not "
-                             f"{PROTOCOL_VERSION}")
+                                  f"{PROTOCOL_VERSION}")
         flags, env = message.get("flags"), message.get("env")
         if not isinstance(flags, dict) or not isinstance(env, dict):
             raise InvalidArgument("fork request needs the objects 'flags' and 'env'")
@@ -155,7 +155,9 @@ class ForkRequest:
         if not all(isinstance(k, str) and isinstance(v, str) and k and "=" not in k
                    and "\0" not in k + v for k, v in env.items()):
             raise InvalidArgument("fork request env must map variable names to strings")
-        return cls(ShimFlags(debug=debug, action="serve", **strings), env)
+        return cls(ShimFlags(namespace=strings["namespace"], address=strings["address"],
+                             publish_binary=strings["publish_binary"], id=strings["id"],
+                             bundle=strings["bundle"], debug=debug, action="serve"), env)
 
 
 # ---- the client half, used by `start` ------------------------------------------------
