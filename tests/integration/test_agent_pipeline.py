@@ -27,7 +27,7 @@ from kybernate.cli.checkpoint import checkpoint_inspect_main, checkpoint_list_ma
 from kybernate.errors import DeadlineExceeded, KybernateError
 from kybernate.protos import agent_pb2
 
-from tests.support.agent import AgentProcess, make_workdir, running_agent
+from tests.support.agent import AgentProcess, running_agent, temporary_workdir
 from tests.support.runc_container import (
     TCP_PAIR,
     Container,
@@ -44,11 +44,8 @@ ALL_PHASES = ["ACCEPTED", "ADMITTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FROZEN"
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    path = make_workdir("kyb-agent-it")
-    try:
+    with temporary_workdir("kyb-agent-it") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _agent(workdir: Path, node: str = "agent", **config: Any) -> AgentProcess:

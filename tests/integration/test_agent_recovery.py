@@ -28,7 +28,7 @@ from kybernate.api.client import AgentClient
 from kybernate.errors import KybernateError
 from kybernate.protos import agent_pb2
 
-from tests.support.agent import AgentProcess, make_workdir
+from tests.support.agent import AgentProcess, temporary_workdir
 from tests.support.processes import live_pids_with_marker
 from tests.support.runc_container import (
     Container,
@@ -42,11 +42,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    path = make_workdir("kyb-recovery")
-    try:
+    with temporary_workdir("kyb-recovery") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

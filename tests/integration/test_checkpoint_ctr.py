@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.agent import AgentProcess, make_workdir, running_agent
+from tests.support.agent import AgentProcess, running_agent, temporary_workdir
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
 from tests.support.events import CtrEvents
 from tests.support.images import build_oci_archive, import_image
@@ -64,11 +64,8 @@ class AgentContainerd(Containerd):
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    path = make_workdir("kyb-ckpt-ctr")
-    try:
+    with temporary_workdir("kyb-ckpt-ctr") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

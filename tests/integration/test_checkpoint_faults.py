@@ -41,7 +41,7 @@ from kybernate.cuda.fake import ENV_TOKEN
 from kybernate.protos import agent_pb2
 from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET, ANNOTATION_RESTORE_FROM
 
-from tests.support.agent import AgentProcess, make_workdir
+from tests.support.agent import AgentProcess, stopped_on_exit, temporary_workdir
 from tests.support.cgroups import cgroup_pids, container_cgroups, freezer_state
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
 from tests.support.events import CtrEvents
@@ -116,14 +116,9 @@ def ctd(busybox_archive: Path) -> Iterator[ScratchContainerd]:
 @pytest.fixture(scope="module")
 def node() -> Iterator[AgentProcess]:
     """The node's agent files (socket, tiers, fake CUDA dir); tests start and stop it."""
-    workdir = make_workdir("kyb-faults")
-    agent = AgentProcess.in_dir(workdir, "agent")
-    try:
+    with temporary_workdir("kyb-faults") as workdir, \
+            stopped_on_exit(AgentProcess.in_dir(workdir, "agent")) as agent:
         yield agent
-    finally:
-        agent.cont()
-        agent.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -273,6 +268,16 @@ def both_sleeping(ctd: Containerd, container_id: str) -> bool:
     return len(pids) == 2 and names == {"sleep"}
 
 
+def run_two_sleepers(ctd: Containerd, node: AgentProcess, container_id: str,
+                     token: str) -> tuple[int, set[ProcessIdentity]]:
+    """`two_sleepers` run under the node's agent, once both sleep in its cgroup (the
+    shell forks its child right after runc starts it): the init pid and both processes."""
+    init_pid = run_container(ctd, node, container_id, *two_sleepers(token))
+    wait_until(lambda: both_sleeping(ctd, container_id), 15.0,
+               f"both processes of {container_id} sleeping in its cgroup")
+    return init_pid, {ProcessIdentity.of(pid) for pid in cgroup_pids(ctd, container_id)}
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -325,11 +330,7 @@ def test_agent_killed_while_holding_after_phase(ctd: ScratchContainerd, node: Ag
     node.start()
     checkpoint: subprocess.Popen[str] | None = None
     try:
-        init_pid = run_container(ctd, node, container_id, *two_sleepers(token))
-        # The shell forks its child right after runc starts it: wait for both.
-        wait_until(lambda: both_sleeping(ctd, container_id), 15.0,
-                   f"both processes of {container_id} sleeping in its cgroup")
-        members = {ProcessIdentity.of(pid) for pid in cgroup_pids(ctd, container_id)}
+        init_pid, members = run_two_sleepers(ctd, node, container_id, token)
         assert len(members) == 2 and init_pid in {m.pid for m in members}, members
         images_before = checkpoint_images(ctd)
         committed_before = node.committed_checkpoints()
@@ -460,11 +461,7 @@ def test_checkpoint_without_agent_leaves_the_container_running(
     node.write_config()
     node.start()
     try:
-        init_pid = run_container(ctd, node, container_id, *two_sleepers(token))
-        # The shell forks its child right after runc starts it: wait for both.
-        wait_until(lambda: both_sleeping(ctd, container_id), 15.0,
-                   f"both processes of {container_id} sleeping in its cgroup")
-        members = {ProcessIdentity.of(pid) for pid in cgroup_pids(ctd, container_id)}
+        init_pid, members = run_two_sleepers(ctd, node, container_id, token)
         node.stop(signal.SIGKILL if how == "killed-stale-socket" else signal.SIGTERM)
         assert node.socket.exists() == (how == "killed-stale-socket")
 
@@ -753,10 +750,7 @@ def test_kill_during_a_hung_checkpoint_returns_at_once(ctd: ScratchContainerd, n
     node.start()
     checkpoint: subprocess.Popen[str] | None = None
     try:
-        init_pid = run_container(ctd, node, container_id, *two_sleepers(token))
-        wait_until(lambda: both_sleeping(ctd, container_id), 15.0,
-                   f"both processes of {container_id} sleeping in its cgroup")
-        members = {ProcessIdentity.of(pid) for pid in cgroup_pids(ctd, container_id)}
+        init_pid, members = run_two_sleepers(ctd, node, container_id, token)
         committed_before = node.committed_checkpoints()
         checkpoint = subprocess.Popen(ctd.ctr_argv("task", "checkpoint", container_id),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

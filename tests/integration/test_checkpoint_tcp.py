@@ -15,7 +15,6 @@ written to the outbox after the restore can only arrive over the old connection.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET
 
-from tests.support.agent import AgentProcess, make_workdir, running_agent
+from tests.support.agent import AgentProcess, running_agent, temporary_workdir
 from tests.support.cgroups import freezer_state
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
 from tests.support.images import BUSYBOX_IMAGE_REF
@@ -55,12 +54,8 @@ def ctd(busybox_archive: Path) -> Iterator[Containerd]:
 
 @pytest.fixture(scope="module")
 def agent() -> Iterator[AgentProcess]:
-    workdir = make_workdir("kyb-tcp")
-    try:
-        with running_agent(workdir, "agent") as running:
-            yield running
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with temporary_workdir("kyb-tcp") as workdir, running_agent(workdir, "agent") as running:
+        yield running
 
 
 @pytest.fixture

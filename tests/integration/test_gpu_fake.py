@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -35,7 +34,7 @@ from typing import Any, Self
 import pytest
 from kybernate.cuda.fake import FakeBackend
 
-from tests.support.agent import AgentProcess, make_workdir
+from tests.support.agent import AgentProcess, stopped_on_exit, temporary_workdir
 from tests.support.cgroups import freezer_state_path
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
 from tests.support.events import CtrEvents
@@ -71,16 +70,11 @@ def ctd(busybox_archive: Path) -> Iterator[Containerd]:
 @pytest.fixture
 def node() -> Iterator[AgentProcess]:
     """A real agent with the fake CUDA backend and one 80 GiB fake GPU of MODEL."""
-    workdir = make_workdir("kyb-gpu-it")
-    agent = AgentProcess.in_dir(workdir, "node", lock_timeout_ms=5000)
-    try:
+    with temporary_workdir("kyb-gpu-it") as workdir, \
+            stopped_on_exit(AgentProcess.in_dir(workdir, "node", lock_timeout_ms=5000)) as agent:
         write_gpus(agent, [(GPU_A, MODEL, 80 * GIB)])
         agent.start()
         yield agent
-    finally:
-        agent.cont()
-        agent.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET
 
-from tests.support.agent import AgentProcess, make_workdir, running_agent
+from tests.support.agent import AgentProcess, running_agent, temporary_workdir
 from tests.support.cgroups import container_cgroups
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
 from tests.support.images import BUSYBOX_IMAGE_REF
@@ -29,8 +29,7 @@ FD_SLACK = 3
 
 @pytest.fixture(scope="module")
 def agent() -> Iterator[AgentProcess]:
-    workdir = make_workdir("kyb-debris")
-    with running_agent(workdir, "node") as node:
+    with temporary_workdir("kyb-debris") as workdir, running_agent(workdir, "node") as node:
         yield node
 
 

@@ -24,7 +24,7 @@ import pytest
 from kybernate.cli.checkpoint import checkpoint_share_main
 from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET, ANNOTATION_RESTORE_FROM
 
-from tests.support.agent import AgentProcess, make_workdir, running_agent
+from tests.support.agent import AgentProcess, running_agent, temporary_workdir
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
 from tests.support.images import BUSYBOX_IMAGE_REF, import_image
 from tests.support.tasks import private_containerd, remove_container
@@ -34,11 +34,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    path = make_workdir("kyb-access")
-    try:
+    with temporary_workdir("kyb-access") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from kybernate.shim.template import template_socket_path
 
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd, command_line
 from tests.support.images import BUSYBOX_IMAGE_REF, import_image
+from tests.support.tasks import private_containerd
 
 RUN = ("run", "--runtime", KYBERNATE_RUNTIME)
 # A forked server shares the template's heap (imports, frozen objects) copy-on-write;
@@ -29,13 +30,8 @@ PIDS_CGROUP_ROOT = Path("/sys/fs/cgroup/pids")
 
 @pytest.fixture(scope="module")
 def ctd(busybox_archive: Path) -> Iterator[Containerd]:
-    instance = Containerd()
-    try:
-        instance.start()
-        import_image(instance, busybox_archive)
+    with private_containerd(Containerd(), busybox_archive) as instance:
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture

@@ -176,21 +176,34 @@ def make_workdir(prefix: str = "kyb-agent") -> Path:
 
 
 @contextmanager
+def temporary_workdir(prefix: str = "kyb-agent") -> Iterator[Path]:
+    """A fresh directory under /tmp, removed on exit."""
+    path = make_workdir(prefix)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def stopped_on_exit(agent: AgentProcess) -> Iterator[AgentProcess]:
+    """`agent` as it is; stopped on exit, continued first (a SIGSTOPped agent would
+    not see SIGTERM)."""
+    try:
+        yield agent
+    finally:
+        agent.cont()
+        agent.stop()
+
+
+@contextmanager
 def running_agent(workdir: Path | None = None, node: str = "agent", **config: Any) -> Iterator[AgentProcess]:
     """A started agent, stopped (and its own temp dir removed) on exit, even on failure."""
-    own_dir = workdir is None
-    root = make_workdir() if workdir is None else workdir
-    try:
-        agent = AgentProcess.in_dir(root, node, **config)
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(temporary_workdir()) if workdir is None else workdir
+        agent = stack.enter_context(stopped_on_exit(AgentProcess.in_dir(root, node, **config)))
         agent.start()
-        try:
-            yield agent
-        finally:
-            agent.cont()  # a SIGSTOPped agent would not see SIGTERM
-            agent.stop()
-    finally:
-        if own_dir:
-            shutil.rmtree(root, ignore_errors=True)
+        yield agent
 
 
 @pytest.fixture

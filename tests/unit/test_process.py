@@ -326,6 +326,19 @@ async def _runc_status(runc: Runc, cid: str) -> str:
     return str((await runc.state(cid))["status"])
 
 
+def with_sleeping_init(sandbox: RuncSandbox,
+                       body: Callable[[Reaper, Runc, InitProcess], Awaitable[None]]) -> None:
+    """Run `body` with an init of `sleep 1000` in a new bundle, not yet created."""
+    cid, bundle = sandbox.new_bundle(["sleep", "1000"])
+
+    async def run(reaper: Reaper) -> None:
+        runc = sandbox.runc(reaper, bundle)
+        await body(reaper, runc, InitProcess(id=cid, bundle=bundle, runc=runc, namespace="test",
+                                             stdio=Stdio()))
+
+    with_reaper(run)
+
+
 def test_init_runs_to_exit_with_output(sandbox: RuncSandbox) -> None:
     cid, bundle = sandbox.new_bundle(["sh", "-c", "read line; echo got $line; exit 3"])
     out = sandbox.dir / "out.log"
@@ -364,11 +377,8 @@ def test_init_runs_to_exit_with_output(sandbox: RuncSandbox) -> None:
 
 
 def test_init_pause_resume_kill(sandbox: RuncSandbox) -> None:
-    cid, bundle = sandbox.new_bundle(["sleep", "1000"])
-
-    async def body(reaper: Reaper) -> None:
-        runc = sandbox.runc(reaper, bundle)
-        process = InitProcess(id=cid, bundle=bundle, runc=runc, namespace="test", stdio=Stdio())
+    async def body(reaper: Reaper, runc: Runc, process: InitProcess) -> None:
+        cid = process.id
         await process.create()
         await process.start()
         await process.pause()
@@ -387,16 +397,14 @@ def test_init_pause_resume_kill(sandbox: RuncSandbox) -> None:
             await process.kill(signal.SIGTERM)
         await process.delete()
 
-    with_reaper(body)
+    with_sleeping_init(sandbox, body)
 
 
 def test_exec_in_running_init(sandbox: RuncSandbox) -> None:
-    cid, bundle = sandbox.new_bundle(["sleep", "1000"])
     out = sandbox.dir / "exec.log"
 
-    async def body(reaper: Reaper) -> None:
-        runc = sandbox.runc(reaper, bundle)
-        init = InitProcess(id=cid, bundle=bundle, runc=runc, namespace="test", stdio=Stdio())
+    async def body(reaper: Reaper, runc: Runc, init: InitProcess) -> None:
+        cid = init.id
         await init.create()
         await init.start()
         exec_ = ExecProcess(id="probe", container_id=cid, parent=init, runc=runc,
@@ -418,15 +426,12 @@ def test_exec_in_running_init(sandbox: RuncSandbox) -> None:
         await init.set_exited(init_exit.status, init_exit.at)
         await init.delete()
 
-    with_reaper(body)
+    with_sleeping_init(sandbox, body)
 
 
 def test_delete_of_created_init_releases_waiters(sandbox: RuncSandbox) -> None:
-    cid, bundle = sandbox.new_bundle(["sleep", "1000"])
-
-    async def body(reaper: Reaper) -> None:
-        runc = sandbox.runc(reaper, bundle)
-        process = InitProcess(id=cid, bundle=bundle, runc=runc, namespace="test", stdio=Stdio())
+    async def body(reaper: Reaper, runc: Runc, process: InitProcess) -> None:
+        cid = process.id
         await process.create()
         waiting = asyncio.ensure_future(process.wait())
         deleted = await process.delete()
@@ -437,7 +442,7 @@ def test_delete_of_created_init_releases_waiters(sandbox: RuncSandbox) -> None:
         with pytest.raises(NotFound):
             await runc.state(cid)
 
-    with_reaper(body)
+    with_sleeping_init(sandbox, body)
 
 
 # -- a checkpoint runs without the lock; Kill aborts it --------------------------------
