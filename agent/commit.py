@@ -42,6 +42,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Hashing (CPU, page cache) and fsync (disk) of a GB-sized dump overlap in threads:
 # hashlib releases the GIL, and the container stays paused until the commit ends.
 _IO_THREADS = 4
+_VERIFY_CHUNK = 4 << 20
 
 
 def staging_path(local_tier: Path, checkpoint_id: str) -> Path:
@@ -92,6 +93,10 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_directory(path: Path) -> None:
+    _fsync_path(path)
 
 
 def write_json_durably(path: Path, document: Mapping[str, Any]) -> None:
@@ -227,8 +232,22 @@ def criu_major(version: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def verify(directory: Path, *, criu_version: str | None = None) -> dict[str, Any]:
-    """Check every file against metadata.json; returns the metadata.
+def sha256_file_reporting(path: Path, progress: Callable[[int], None]) -> str:
+    """sha256 of a file, telling `progress` of each chunk's bytes as it goes."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_VERIFY_CHUNK)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            progress(n)
+    return digest.hexdigest()
+
+
+def verify(directory: Path, *, criu_version: str | None = None,
+           progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Check every file against metadata.json; returns the metadata. `progress` (called
+    from worker threads) hears of every chunk hashed.
 
     Raises DataLoss naming the first file that is missing, extra, resized or
     altered, and FailedPrecondition when the checkpoint was made by a CRIU of
@@ -249,7 +268,12 @@ def verify(directory: Path, *, criu_version: str | None = None) -> dict[str, Any
             raise DataLoss(f"checkpoint {directory}: file {rel} has size {path.stat().st_size},"
                            f" expected {entry.get('size')}")
     with ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="kyb-verify") as pool:
-        digests = _hash_all(pool, directory, [Path(rel) for rel in expected])
+        if progress is None:
+            digests = _hash_all(pool, directory, [Path(rel) for rel in expected])
+        else:
+            reporting = progress
+            digests = {Path(rel): pool.submit(sha256_file_reporting, directory / rel, reporting)
+                       for rel in expected}
         for rel in sorted(expected):
             if digests[Path(rel)].result() != expected[rel].get("sha256"):
                 raise DataLoss(f"checkpoint {directory}: file {rel} failed its sha256 check")

@@ -42,8 +42,27 @@ Example (every key optional):
     # by id or namespace/name; namespace "*" is every namespace.
     shares = [{ checkpoint = "team-a/golden-llm", namespace = "k8s.io", pod_namespace = "team-b" }]
 
+    [retention]                 # what `kybernate checkpoint gc` and the background job remove
+    keep_per_container = 0      # keep the newest N committed checkpoints of each container; 0: all
+    max_age_s = 0               # remove checkpoints older than this; 0: never
+    local_max_bytes = 0         # evict the oldest local copies above this; 0: no budget
+    remote_max_bytes = 0        # remove the oldest remote copies above this; 0: no budget
+    interval_s = 3600.0         # how often the policy runs in the background; 0: on demand only
+    restore_hold_s = 900.0      # a restore keeps its checkpoint in use until it completes, or this long
+
+    [oci]                       # checkpoint images in OCI registries
+    registries = ["registry.example.com", "127.0.0.1:5000"]  # hosts that imports and
+                                # `io.kybernate.restore-from=oci:` may pull from; none by default
+    plain_http = ["127.0.0.1:5000"]  # of those, the ones spoken to over plain HTTP
+
     [metrics]
     port = 0                    # 0: no metrics endpoint
+    address = "127.0.0.1"
+    occupancy_interval_s = 15.0 # how often tier occupancy is recounted
+
+    [log]
+    format = "text"             # text or json (one JSON object a line)
+    level = "info"
 
     [debug]                     # fault injection, for tests only
     hold_after_phase = { dumped = 30.0 }
@@ -62,6 +81,7 @@ from typing import Any
 
 from kybernate.agent import naming
 from kybernate.agent.access import ConfiguredShare, Share
+from kybernate.agent.retention import RetentionPolicy
 from kybernate.errors import InvalidArgument
 
 CUDA_BACKENDS = ("auto", "driver", "tool", "fake")
@@ -69,6 +89,8 @@ RETRY_MODES = ("standard", "adaptive")
 #: S3's limits on a multipart upload's parts (the last one may be smaller).
 PART_SIZE_MIN = 5 << 20
 PART_SIZE_MAX = 5 << 30
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 PHASE_NAMES = ("accepted", "admitted", "gpu_locked", "gpu_checkpointed", "frozen", "dumped", "resumed", "committed")
 
 
@@ -113,6 +135,14 @@ class AgentConfig:
     min_free_bytes: int = 1 << 30
     s3: S3Config | None = None
     metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
+    occupancy_interval_s: float = 15.0
+    retention: RetentionPolicy = dataclasses.field(default_factory=RetentionPolicy)
+    restore_hold_s: float = 900.0
+    oci_registries: tuple[str, ...] = ()
+    oci_plain_http: tuple[str, ...] = ()
+    log_format: str = "text"
+    log_level: str = "info"
     restore_allowed_roots: tuple[Path, ...] = ()
     restore_shares: tuple[ConfiguredShare, ...] = ()
     debug_hold_after_phase: Mapping[str, float] = dataclasses.field(default_factory=dict)
@@ -152,14 +182,19 @@ def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wh
 
 
 _KNOWN = {
-    "": {"socket", "node_name", "state_dir", "local_tier", "cuda", "checkpoint", "s3", "restore", "metrics", "debug"},
+    "": {"socket", "node_name", "state_dir", "local_tier", "cuda", "checkpoint", "s3", "restore", "metrics", "debug",
+         "retention", "oci", "log"},
     "cuda": {"backend", "fake_dir", "lock_timeout_ms"},
     "checkpoint": {"open_tcp", "leave_running", "memory_budget_bytes", "min_free_bytes"},
     "s3": {"endpoint_url", "bucket", "prefix", "region", "access_key_id", "secret_access_key",
            "max_attempts", "backoff_base_s", "backoff_max_s", "promote_interval_s", "retry_mode",
            "request_max_attempts", "part_size_bytes", "max_concurrency"},
     "restore": {"allowed_roots", "shares"},
-    "metrics": {"port"},
+    "metrics": {"port", "address", "occupancy_interval_s"},
+    "retention": {"keep_per_container", "max_age_s", "local_max_bytes", "remote_max_bytes", "interval_s",
+                  "restore_hold_s"},
+    "oci": {"registries", "plain_http"},
+    "log": {"format", "level"},
     "debug": {"hold_after_phase", "hold_during_commit"},
 }
 
@@ -253,6 +288,34 @@ def config_from_mapping(data: Mapping[str, Any]) -> AgentConfig:
     metrics = _section(data, "metrics")
     if (port := _typed(metrics, "port", int, "[metrics] ")) is not None:
         fields["metrics_port"] = port
+    if (address := _typed(metrics, "address", str, "[metrics] ")) is not None:
+        fields["metrics_address"] = address
+    if (interval := _typed(metrics, "occupancy_interval_s", (int, float), "[metrics] ")) is not None:
+        fields["occupancy_interval_s"] = float(interval)
+
+    retention = _section(data, "retention")
+    policy: dict[str, Any] = {}
+    for key in ("keep_per_container", "local_max_bytes", "remote_max_bytes"):
+        if (value := _typed(retention, key, int, "[retention] ")) is not None:
+            policy[key] = value
+    for key in ("max_age_s", "interval_s"):
+        if (value := _typed(retention, key, (int, float), "[retention] ")) is not None:
+            policy[key] = float(value)
+    fields["retention"] = RetentionPolicy(**policy)
+    if (hold := _typed(retention, "restore_hold_s", (int, float), "[retention] ")) is not None:
+        fields["restore_hold_s"] = float(hold)
+
+    oci = _section(data, "oci")
+    for key, field in (("registries", "oci_registries"), ("plain_http", "oci_plain_http")):
+        hosts = _list(oci, key)
+        if not all(isinstance(h, str) and h for h in hosts):
+            raise InvalidArgument(f"config: [oci] {key} must be a list of registry hosts (host[:port])")
+        fields[field] = tuple(hosts)
+
+    logs = _section(data, "log")
+    for key in ("format", "level"):
+        if (value := _typed(logs, key, str, "[log] ")) is not None:
+            fields[f"log_{key}"] = value
 
     debug = _section(data, "debug")
     holds = debug.get("hold_after_phase", {})
@@ -276,6 +339,18 @@ def validate(config: AgentConfig) -> AgentConfig:
         raise InvalidArgument("config: byte limits cannot be negative")
     if not 0 <= config.metrics_port < 65536:
         raise InvalidArgument(f"config: metrics port {config.metrics_port} is out of range")
+    if config.occupancy_interval_s <= 0:
+        raise InvalidArgument("config: [metrics] occupancy_interval_s must be positive")
+    policy = config.retention
+    if min(policy.keep_per_container, policy.local_max_bytes, policy.remote_max_bytes) < 0 \
+            or min(policy.max_age_s, policy.interval_s) < 0 or config.restore_hold_s <= 0:
+        raise InvalidArgument("config: [retention] values cannot be negative (restore_hold_s must be positive)")
+    if config.log_format not in LOG_FORMATS:
+        raise InvalidArgument(f"config: [log] format {config.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+    if config.log_level not in LOG_LEVELS:
+        raise InvalidArgument(f"config: [log] level {config.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    for host in (*config.oci_registries, *config.oci_plain_http):
+        naming.registry_host(host)
     for phase, seconds in config.debug_hold_after_phase.items():
         if phase not in PHASE_NAMES:
             raise InvalidArgument(f"config: hold_after_phase names unknown phase {phase!r}")
@@ -325,6 +400,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-backend", choices=CUDA_BACKENDS)
     parser.add_argument("--cuda-fake-dir", type=Path)
     parser.add_argument("--metrics-port", type=int)
+    parser.add_argument("--log-format", choices=LOG_FORMATS, help="text, or one JSON object a line")
 
 
 def config_from_args(argv: Sequence[str]) -> AgentConfig:
@@ -336,7 +412,7 @@ def config_from_args(argv: Sequence[str]) -> AgentConfig:
     overrides: dict[str, Any] = {}
     for flag, field in (("socket", "socket"), ("node_name", "node_name"), ("state_dir", "state_dir"), ("local_tier", "local_tier"),
                         ("cuda_backend", "cuda_backend"), ("cuda_fake_dir", "cuda_fake_dir"),
-                        ("metrics_port", "metrics_port")):
+                        ("metrics_port", "metrics_port"), ("log_format", "log_format")):
         if (value := getattr(args, flag)) is not None:
             overrides[field] = value
     return validate(dataclasses.replace(config, **overrides))

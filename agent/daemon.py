@@ -18,16 +18,21 @@ from pathlib import Path
 import grpc
 import psutil
 from kybernate.agent.config import AgentConfig
+from kybernate.agent.fetch import Fetcher
 from kybernate.agent.gpu import GpuControl
+from kybernate.agent.inuse import InUse
+from kybernate.agent.lifecycle import Lifecycle
 from kybernate.agent.limits import CheckpointLimits
 from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.metadata import HostVersions
 from kybernate.agent.metrics import AgentMetrics
+from kybernate.agent.oci_tier import OciTier
 from kybernate.agent.pipeline import PipelineDeps
 from kybernate.agent.promoter import Promoter
 from kybernate.agent.recovery import recover
 from kybernate.agent.registry import Registry
 from kybernate.agent.remote import RemoteTier
+from kybernate.agent.restore import RestorePreparer
 from kybernate.agent.server import AgentService
 from kybernate.errors import AlreadyExists, FailedPrecondition
 from kybernate.protos import agent_pb2_grpc
@@ -82,6 +87,7 @@ class Agent:
         self._service: AgentService | None = None
         self._promoter: Promoter | None = None
         self._remote: RemoteTier | None = None
+        self._lifecycle: Lifecycle | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -102,16 +108,26 @@ class Agent:
         remote = self._remote = await asyncio.to_thread(RemoteTier, config.s3) if config.s3 else None
         if remote is not None and config.s3 is not None:
             self._promoter = Promoter(remote, self.registry, self.local, config.s3, node=config.node_name,
-                                      on_uploaded=self._on_uploaded)
+                                      on_uploaded=self._on_uploaded, on_retry=self.metrics.upload_retried)
             self._promoter.start()  # its first sweep re-queues what was dirty
         budget = config.memory_budget_bytes or psutil.virtual_memory().total
         deps = PipelineDeps(config=config, registry=self.registry, local=self.local, gpu=gpu, criu=criu,
                             versions=versions, limits=CheckpointLimits(budget), metrics=self.metrics,
                             promoter=self._promoter)
-        self._service = AgentService(deps, remote)
-        self.metrics.dirty_checkpoints.set(await self.registry.dirty_count())
+        inuse = InUse()
+        fetcher = Fetcher(remote, self.local, criu_version=versions.criu) if remote is not None else None
+        preparer = RestorePreparer(
+            self.registry, self.local, remote, gpu, versions.criu, allowed_roots=config.restore_allowed_roots,
+            forbidden_roots=(config.local_tier, config.state_dir), shares=config.restore_shares, fetcher=fetcher)
+        self._lifecycle = Lifecycle(config, self.registry, self.local, remote, self._promoter, preparer, inuse,
+                                    self.metrics)
+        oci = OciTier(config, self.registry, self.local, inuse, self.metrics, criu_version=versions.criu)
+        self._service = AgentService(deps, remote, preparer=preparer, lifecycle=self._lifecycle, oci=oci,
+                                     inuse=inuse)
+        await self._lifecycle.refresh_occupancy()
+        self._lifecycle.start()
         if config.metrics_port:
-            self.metrics.serve(config.metrics_port)
+            self.metrics.serve(config.metrics_port, config.metrics_address)
         await self._listen()
         log.info("agent serving on %s (CRIU %s, runc %s, CUDA backend %s, remote %s)", config.socket,
                  versions.criu, versions.runc, gpu.backend_name, remote.url if remote else "none")
@@ -160,6 +176,8 @@ class Agent:
         if stopping is not None:
             await stopping
             self._server = None
+        if self._lifecycle is not None:
+            await self._lifecycle.stop()
         if self._promoter is not None:
             await self._promoter.stop()
         if self._remote is not None:  # cancels transfers still running in threads

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from kybernate.agent import commit, naming
@@ -78,7 +79,9 @@ def _fsync_tree(root: Path) -> None:
         _fsync_directory(directory)
 
 
-def _fetch_blocking(remote: RemoteTier, local: LocalTier, checkpoint_id: str, criu_version: str | None) -> Path:
+def _fetch_blocking(remote: RemoteTier, local: LocalTier, checkpoint_id: str, criu_version: str | None,
+                    progress: Callable[[int], None] | None = None,
+                    on_total: Callable[[int], None] | None = None) -> Path:
     local.prepare()
     final = local.committed(checkpoint_id)
     if final.exists() or final.is_symlink():
@@ -88,7 +91,8 @@ def _fetch_blocking(remote: RemoteTier, local: LocalTier, checkpoint_id: str, cr
     if staging.exists():
         shutil.rmtree(staging)  # an earlier attempt's leftover: never trusted, never resumed
     try:
-        remote.download(checkpoint_id, staging, max_bytes=local.free_bytes())
+        remote.download(checkpoint_id, staging, max_bytes=local.free_bytes(), progress=progress,
+                        on_total=on_total)
         _fsync_tree(staging)
         commit.verify(staging, criu_version=criu_version)
         os.rename(staging, final)
@@ -108,12 +112,15 @@ class Fetcher:
         self._criu_version = criu_version
         self._in_flight: dict[str, asyncio.Task[Path]] = {}
 
-    async def fetch(self, checkpoint_id: str) -> Path:
+    async def fetch(self, checkpoint_id: str, *, progress: Callable[[int], None] | None = None,
+                    on_total: Callable[[int], None] | None = None) -> Path:
         """The committed local directory of `checkpoint_id`, downloaded if needed.
 
         NotFound when the bucket has no complete checkpoint of that id, DataLoss for
         one that fails a check, FailedPrecondition for another CRIU major version.
         A caller's cancellation does not stop the download others may be waiting for.
+        `progress` and `on_total` (called from threads) hear of the download this call
+        starts; one that joins a download in flight hears nothing.
         """
         checkpoint_id = naming.checkpoint_id(checkpoint_id)
         if self._local.has(checkpoint_id):
@@ -121,7 +128,8 @@ class Fetcher:
         task = self._in_flight.get(checkpoint_id)
         if task is None:
             task = asyncio.create_task(
-                asyncio.to_thread(_fetch_blocking, self._remote, self._local, checkpoint_id, self._criu_version),
+                asyncio.to_thread(_fetch_blocking, self._remote, self._local, checkpoint_id, self._criu_version,
+                                  progress, on_total),
                 name=f"fetch-{checkpoint_id}")
             self._in_flight[checkpoint_id] = task
             task.add_done_callback(lambda done: self._finished(checkpoint_id, done))

@@ -6,11 +6,16 @@ from here to there `kybernate.agent.promoter`, and the way back `kybernate.agent
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from kybernate.agent import commit, naming
 from kybernate.api import layout
+
+#: A local copy being removed: renamed first, so that it stops being a checkpoint at
+#: once, whatever happens to the removal of its files.
+DELETING_PREFIX = ".deleting-"
 
 
 class LocalTier:
@@ -49,3 +54,28 @@ class LocalTier:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
+
+    def size_bytes(self, checkpoint_id: str) -> int:
+        """Bytes of a committed local checkpoint (its files as they are on disk)."""
+        directory = self.committed(checkpoint_id)
+        return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+
+    def remove(self, checkpoint_id: str) -> bool:
+        """Remove a committed local checkpoint; whether there was one. Blocking."""
+        directory = self.committed(naming.checkpoint_id(checkpoint_id))
+        if not directory.exists():
+            return False
+        doomed = self.root / f"{DELETING_PREFIX}{checkpoint_id}"
+        os.rename(directory, doomed)
+        commit.fsync_directory(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
+    def remove_leftover_deletions(self) -> list[Path]:
+        """Finish removals a stopped agent left half done. Blocking; at start-up."""
+        if not self.root.is_dir():
+            return []
+        leftovers = [p for p in self.root.iterdir() if p.name.startswith(DELETING_PREFIX)]
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        return leftovers

@@ -18,7 +18,9 @@ def agent_main(argv: Sequence[str]) -> int:
     except KybernateError as exc:
         print(f"kybernate agent: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kybernate.agent import logs
+
+    logs.configure(config.log_format, config.log_level)
     from kybernate.agent.daemon import serve
 
     try:

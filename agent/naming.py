@@ -29,6 +29,12 @@ CONTAINERD_NAMESPACE_MAX = 76
 _KUBERNETES_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 #: Node names (Kubernetes node names are DNS-1123 subdomains).
 _NODE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+#: An OCI registry host: a DNS name or IPv4 address, an optional port.
+_REGISTRY_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?(:[0-9]{1,5})?$")
+#: OCI distribution's repository names and tags.
+_REPOSITORY = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _PATH_MAX = 4096
 _COMPONENT_MAX = 255
 
@@ -84,4 +90,28 @@ def relative_file(value: object, where: str) -> str:
     if (path.is_absolute() or str(path) != value or "\\" in value
             or any(part in ("", ".", "..") or len(part) > _COMPONENT_MAX for part in path.parts)):
         raise DataLoss(f"{where}: file entry {value[:80]!r} would lead outside the checkpoint directory")
+    return value
+
+
+def registry_host(value: str) -> str:
+    if not _REGISTRY_HOST.match(value) or (":" in value and not 0 < int(value.rpartition(":")[2]) < 65536):
+        raise InvalidArgument(f"{value[:80]!r} is not a registry host (host or host:port)")
+    return value
+
+
+def repository(value: str) -> str:
+    if len(value) > 255 or not _REPOSITORY.match(value):
+        raise InvalidArgument(f"{value[:80]!r} is not an OCI repository name (lower-case path components)")
+    return value
+
+
+def image_tag(value: str) -> str:
+    if not _TAG.match(value):
+        raise InvalidArgument(f"{value[:80]!r} is not an OCI tag")
+    return value
+
+
+def digest(value: str) -> str:
+    if not _DIGEST.match(value):
+        raise InvalidArgument(f"{value[:80]!r} is not a sha256 digest")
     return value

@@ -137,8 +137,9 @@ class CheckpointPipeline:
 
     async def _phase(self, phase: agent_pb2.Phase, **fields: Any) -> None:
         name = agent_pb2.Phase.Name(phase).lower()
+        previous_ms = max(self._timings.values(), default=0)
         self._timings[name] = self._elapsed_ms()
-        self._deps.metrics.phase_reached(name, self._timings[name] / 1000)
+        self._deps.metrics.phase_reached(name, self._timings[name] / 1000, previous_ms / 1000)
         await self._report(agent_pb2.CheckpointProgress(
             phase=phase, checkpoint_id=self._plan.checkpoint_id, elapsed_ms=self._timings[name], **fields))
         hold = self._deps.config.debug_hold_after_phase.get(name)
@@ -237,7 +238,10 @@ class CheckpointPipeline:
         await asyncio.to_thread(writable_layer.sync_container_fs, plan.init_pid)
         await self._phase(agent_pb2.FROZEN)
 
+        dump_started = time.monotonic()
         await self._dump(cgroup)
+        dumped_bytes = await asyncio.to_thread(_tree_bytes, self._staging)
+        self._deps.metrics.data_moved("dumped", dumped_bytes, time.monotonic() - dump_started)
         await self._phase(agent_pb2.DUMPED)
 
         if not plan.exit:
@@ -309,7 +313,10 @@ class CheckpointPipeline:
         """Seal the complete data, then hand it to containerd and the remote tier. After
         the rename the checkpoint exists, whatever fails next."""
         plan = self._plan
+        commit_started = time.monotonic()
         final = await self._seal()
+        self._deps.metrics.data_moved("committed", await asyncio.to_thread(_tree_bytes, final),
+                                      time.monotonic() - commit_started)
         await asyncio.to_thread(shutil.rmtree, self._work_dir, True)
         if plan.destination is not None:
             try:
@@ -449,3 +456,8 @@ class CheckpointPipeline:
         target.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(shutil.move, str(self._work_dir), str(target))
         log.error("checkpoint %s failed; CRIU logs kept in %s", self._plan.checkpoint_id, target)
+
+
+def _tree_bytes(directory: Path) -> int:
+    """Bytes of the regular files under `directory`."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())

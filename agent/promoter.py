@@ -28,7 +28,8 @@ class Promoter:
     """One worker, one queue; `start()`, `enqueue()` after each commit, `stop()`."""
 
     def __init__(self, remote: RemoteTier, registry: Registry, local: LocalTier, config: S3Config, *,
-                 node: str, on_uploaded: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 node: str, on_uploaded: Callable[[str], Awaitable[None]] | None = None,
+                 on_retry: Callable[[], None] | None = None) -> None:
         self._remote = remote
         self._registry = registry
         self._local = local
@@ -39,6 +40,9 @@ class Promoter:
         self._tasks: list[asyncio.Task[None]] = []
         self._random = random.Random()
         self._on_uploaded = on_uploaded
+        self._on_retry = on_retry
+        #: Why the last upload of a checkpoint that stays dirty failed.
+        self.last_errors: dict[str, str] = {}
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name="s3-uploader"),
@@ -84,8 +88,11 @@ class Promoter:
             finally:
                 self._queued.discard(checkpoint_id)
 
-    async def promote(self, checkpoint_id: str) -> bool:
-        """Upload one checkpoint now, with the promoter's retries; whether it is uploaded."""
+    async def promote(self, checkpoint_id: str, *, progress: Callable[[int], None] | None = None,
+                      on_attempt: Callable[[], None] | None = None) -> bool:
+        """Upload one checkpoint now, with the promoter's retries; whether it is uploaded.
+        `progress` (called from threads) hears of the bytes sent; `on_attempt` of each
+        attempt's start."""
         row = await self._registry.get(checkpoint_id)
         if row.state is not CheckpointState.COMMITTED:
             return False
@@ -93,23 +100,32 @@ class Promoter:
             return True
         directory = self._local.committed(checkpoint_id)
         for attempt in range(self._config.max_attempts):
+            if on_attempt is not None:
+                on_attempt()
             try:
                 await asyncio.to_thread(self._remote.upload, directory, row.id, namespace=row.namespace,
-                                        name=row.name, node=self._node, created_at=row.created_at)
-            except Cancelled:
+                                        name=row.name, node=self._node, created_at=row.created_at,
+                                        progress=progress)
+            except Cancelled as exc:
+                self.last_errors[checkpoint_id] = str(exc)
                 return False  # the agent is stopping: the next one's sweep picks it up
             except InvalidArgument as exc:
+                self.last_errors[checkpoint_id] = str(exc)
                 log.error("checkpoint %s cannot be uploaded and stays dirty: %s", checkpoint_id, exc)
                 return False
             except (KybernateError, OSError) as exc:
+                self.last_errors[checkpoint_id] = str(exc)
                 if attempt + 1 == self._config.max_attempts:
                     log.warning("checkpoint %s stays dirty after %d upload attempts: %s",
                                 checkpoint_id, attempt + 1, exc)
                     return False
                 delay = self.backoff(attempt)
+                if self._on_retry is not None:
+                    self._on_retry()
                 log.info("upload of checkpoint %s failed (%s); retrying in %.1fs", checkpoint_id, exc, delay)
                 await asyncio.sleep(delay)
                 continue
+            self.last_errors.pop(checkpoint_id, None)
             await self._registry.mark_uploaded(checkpoint_id)
             log.info("checkpoint %s uploaded to %s", checkpoint_id, self._remote.url)
             if self._on_uploaded is not None:

@@ -43,6 +43,8 @@ async def recover(config: AgentConfig, local: LocalTier, registry: Registry) -> 
     dirty = config.s3 is not None
     for leftover in await asyncio.to_thread(remove_leftover_fetches, local):
         log.warning("removed a download that never completed: %s", leftover)
+    for leftover in await asyncio.to_thread(local.remove_leftover_deletions):
+        log.warning("finished removing %s", leftover)
     for checkpoint_id, path in local.leftover_staging():
         document = None
         if naming.is_checkpoint_id(checkpoint_id) and not local.committed(checkpoint_id).exists():

@@ -275,6 +275,19 @@ class Registry:
     async def mark_uploaded(self, id: str) -> None:
         await self._update(id, "tier = 'remote', dirty = 0")
 
+    async def mark_remote_removed(self, id: str) -> None:
+        """Its remote copy is gone, its local copy stays: local again, and clean (the
+        promoter must not upload what an operator or the retention policy removed)."""
+        await self._update(id, "tier = 'local', dirty = 0")
+
+    async def delete(self, id: str) -> None:
+        """Forget a checkpoint (its shares go with it)."""
+        def delete() -> None:
+            cursor = self._conn().execute("DELETE FROM checkpoints WHERE id = ?", (id,))
+            if cursor.rowcount == 0:
+                raise NotFound(f"checkpoint {id} is not in the registry")
+        await self._run(delete)
+
     async def _update(self, id: str, assignments: str, *params: Any) -> None:
         def update() -> None:
             try:

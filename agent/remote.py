@@ -214,13 +214,15 @@ class RemoteTier:
     # -- upload ---------------------------------------------------------------
 
     def upload(self, directory: Path, checkpoint_id: str, *, namespace: str, name: str, node: str,
-               created_at: datetime) -> None:
+               created_at: datetime, progress: Callable[[int], None] | None = None) -> None:
         """Upload a committed checkpoint: every file, then metadata.json, then this
         node's name-index entry. A file already in the bucket with the same size and
         checksum is not sent again, so a retry resumes where the last attempt stopped.
 
         DataLoss when the local copy fails its sha256 or the server's checksum differs
         from the local file's; InvalidArgument for a malformed namespace, name or node.
+        `progress` (called from transfer threads) hears of the bytes sent, and of those
+        already in the bucket.
         """
         checkpoint_id = naming.checkpoint_id(checkpoint_id)
         entry = NameEntry(namespace=naming.containerd_namespace(namespace), name=naming.checkpoint_name(name),
@@ -234,7 +236,8 @@ class RemoteTier:
                 sha256, crc = _digests(directory / f.rel)
                 if sha256 != f.sha256:
                     raise DataLoss(f"{where}: file {f.rel} failed its sha256 check; not uploading it")
-                self._put_file(directory / f.rel, self.checkpoint_key(checkpoint_id, f.rel), f.size, crc)
+                self._put_file(directory / f.rel, self.checkpoint_key(checkpoint_id, f.rel), f.size, crc,
+                               progress)
             meta_path = directory / layout.METADATA_FILE
             _, meta_crc = _digests(meta_path)
             # Last: its presence is what makes the remote copy a checkpoint.
@@ -245,12 +248,16 @@ class RemoteTier:
                                     Key=self.name_key(entry.namespace, entry.name, entry.node),
                                     ChecksumAlgorithm=CHECKSUM_ALGORITHM)
 
-    def _put_file(self, path: Path, key: str, size: int, crc: str) -> None:
+    def _put_file(self, path: Path, key: str, size: int, crc: str,
+                  progress: Callable[[int], None] | None = None) -> None:
         existing = self._head_or_none(key)
         if existing is not None and self._matches(existing, size, crc):
+            if progress is not None:
+                progress(size)
             return
         self._transfer(lambda: self._transfers.upload(str(path), self.config.bucket, key,
-                                                      extra_args=dict(_UPLOAD_ARGS)))
+                                                      extra_args=dict(_UPLOAD_ARGS),
+                                                      subscribers=_subscribers(progress)))
         head = self._head_or_none(key)
         if head is None or not self._matches(head, size, crc):
             got = "nothing" if head is None else f"{head['ContentLength']} bytes, CRC32 {self._server_crc(head)}"
@@ -307,7 +314,9 @@ class RemoteTier:
 
     # -- download -------------------------------------------------------------
 
-    def download(self, checkpoint_id: str, target: Path, *, max_bytes: int | None = None) -> dict[str, Any]:
+    def download(self, checkpoint_id: str, target: Path, *, max_bytes: int | None = None,
+                 progress: Callable[[int], None] | None = None,
+                 on_total: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Download a complete remote checkpoint into `target`, which must not exist;
         returns its metadata. metadata.json is read and validated first and written
         last; every file's CRC is checked against the server's. Nothing here is
@@ -344,14 +353,17 @@ class RemoteTier:
             total = sum(f.size for f in files)
             if max_bytes is not None and total > max_bytes:
                 raise ResourceExhausted(f"{where}: needs {total} bytes; {max_bytes} are free")
+            if on_total is not None:
+                on_total(total)
             target.mkdir(mode=0o700)
             for f in files:
-                self._get_file(self.checkpoint_key(checkpoint_id, f.rel), target / f.rel, f.size, where)
+                self._get_file(self.checkpoint_key(checkpoint_id, f.rel), target / f.rel, f.size, where, progress)
             # Last, as on upload: a local copy without it is not a checkpoint.
             (target / layout.METADATA_FILE).write_bytes(meta_bytes)
             return document
 
-    def _get_file(self, key: str, path: Path, size: int, where: str) -> None:
+    def _get_file(self, key: str, path: Path, size: int, where: str,
+                  progress: Callable[[int], None] | None = None) -> None:
         from botocore.exceptions import FlexibleChecksumError
 
         head = self._head_or_none(key)
@@ -365,13 +377,53 @@ class RemoteTier:
         # ranged GETs of a multipart download: the CRC of the file checks both.
         try:
             self._transfer(lambda: self._transfers.download(self.config.bucket, key, str(path),
-                                                            extra_args=dict(_DOWNLOAD_ARGS)))
+                                                            extra_args=dict(_DOWNLOAD_ARGS),
+                                                            subscribers=_subscribers(progress)))
         except FlexibleChecksumError as exc:
             raise DataLoss(f"{where}: downloaded {key} does not match the server's checksum ({exc})") from None
         _, crc = _digests(path)
         if crc != expected_crc or path.stat().st_size != size:
             raise DataLoss(f"{where}: downloaded {key} does not match the server's checksum"
                            f" (CRC32 {crc}, expected {expected_crc})")
+
+    # -- removal --------------------------------------------------------------
+
+    def delete(self, checkpoint_id: str, *, namespace: str, name: str, node: str) -> int:
+        """Remove a checkpoint from the bucket; the bytes its files held (0: none there).
+
+        metadata.json goes first, so that the remote copy stops being a checkpoint at
+        once (a fetch finds it incomplete, never half deleted); then its files, then
+        this node's name-index entry if it still names this checkpoint. Entries of
+        other nodes are theirs to change.
+        """
+        checkpoint_id = naming.checkpoint_id(checkpoint_id)
+        namespace, name, node = (naming.containerd_namespace(namespace), naming.checkpoint_name(name),
+                                 naming.node_name(node))
+        with self._translated(f"removal of checkpoint {checkpoint_id}"):
+            bucket = self.config.bucket
+            self._client.delete_object(Bucket=bucket, Key=self.checkpoint_key(checkpoint_id, layout.METADATA_FILE))
+            prefix = self._key(CHECKPOINTS, checkpoint_id) + "/"
+            freed = 0
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                objects = page.get("Contents", [])
+                freed += sum(int(obj.get("Size", 0)) for obj in objects)
+                if objects:
+                    self._client.delete_objects(Bucket=bucket, Delete={
+                        "Objects": [{"Key": obj["Key"]} for obj in objects], "Quiet": True})
+            name_key = self.name_key(namespace, name, node)
+            if self._head_or_none(name_key) is not None:
+                try:
+                    entry = self._name_entry(namespace, name, name_key, node)
+                except DataLoss:
+                    entry = None  # unreadable: this node's own entry, so it may go
+                if entry is None or entry.checkpoint_id == checkpoint_id:
+                    self._client.delete_object(Bucket=bucket, Key=name_key)
+            return freed
+
+    def check_reachable(self) -> None:
+        """Unavailable (or PermissionDenied, NotFound) unless the bucket answers."""
+        with self._translated(f"bucket {self.config.bucket}"):
+            self._client.head_bucket(Bucket=self.config.bucket)
 
     # -- helpers --------------------------------------------------------------
 
@@ -441,3 +493,17 @@ class RemoteTier:
         if isinstance(exc, BotoCoreError | Boto3Error):
             return Unavailable(f"{self.url}: {what}: {exc}")
         return exc
+
+
+class _Progress:
+    """An s3transfer subscriber (it calls `on_progress` with each chunk's byte count)."""
+
+    def __init__(self, progress: Callable[[int], None]) -> None:
+        self._progress = progress
+
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self._progress(bytes_transferred)
+
+
+def _subscribers(progress: Callable[[int], None] | None) -> list[_Progress]:
+    return [] if progress is None else [_Progress(progress)]

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from kybernate.agent import access, commit, naming
 from kybernate.agent.access import ConfiguredShare, Party
 from kybernate.agent.fetch import Fetcher
 from kybernate.agent.gpu import GpuControl
+from kybernate.agent.inuse import InUse
 from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier, split_reference
 from kybernate.agent.remote import RemoteTier
@@ -40,15 +41,24 @@ class PreparedRestore:
     checkpoint_id: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Located:
+    row: CheckpointRow
+    directory: Path
+    # Set when it was downloaded (and so verified) just now.
+    verified: dict[str, Any] | None
+
+
 class RestorePreparer:
     def __init__(self, registry: Registry, local: LocalTier, remote: RemoteTier | None,
                  gpu: GpuControl, criu_version: str, *, allowed_roots: Sequence[Path] = (),
-                 forbidden_roots: Sequence[Path] = (), shares: Sequence[ConfiguredShare] = ()) -> None:
+                 forbidden_roots: Sequence[Path] = (), shares: Sequence[ConfiguredShare] = (),
+                 fetcher: Fetcher | None = None) -> None:
         self._registry = registry
         self._local = local
         self._remote = remote
         # One download per checkpoint however many restores ask for it at once.
-        self._fetcher = Fetcher(remote, local, criu_version=criu_version) if remote is not None else None
+        self._fetcher = fetcher or (Fetcher(remote, local, criu_version=criu_version) if remote is not None else None)
         self._gpu = gpu
         self._criu_version = criu_version
         self._allowed_roots = tuple(allowed_roots)
@@ -66,7 +76,27 @@ class RestorePreparer:
         real = access.allowed_directory(directory, self._allowed_roots, forbidden=self._forbidden_roots)
         return await self._verified(real)
 
-    async def from_registry(self, reference: str, requester: Party) -> PreparedRestore:
+    async def from_registry(self, reference: str, requester: Party, *,
+                            holder: tuple[InUse, str, float] | None = None) -> PreparedRestore:
+        """A registry checkpoint `requester` may restore, fetched if need be, verified.
+        `holder` (in-use tracker, user, seconds) marks it in use from the moment it is
+        known until the caller releases it, or the seconds pass."""
+        located = await self.locate(reference, requester, holder=holder)
+        if located.verified is not None:  # downloaded and verified just now
+            return await self._fit(located.directory, located.verified)
+        prepared = await self._verified(located.directory)
+        if prepared.checkpoint_id != located.row.id or Party.of_metadata(prepared.metadata) != located.row.owner:
+            raise DataLoss(f"checkpoint {located.row.id}: {located.directory} holds another checkpoint"
+                           f" ({prepared.checkpoint_id or 'no id'}); refusing it")
+        return prepared
+
+    async def locate(self, reference: str, requester: Party, *,
+                     holder: tuple[InUse, str, float] | None = None,
+                     progress: Callable[[int], None] | None = None,
+                     on_total: Callable[[int], None] | None = None) -> Located:
+        """A registry checkpoint `requester` may restore, in the local tier: downloaded
+        (and verified) if it was only in the remote tier. Refused before a byte of it
+        is read when `requester` may not restore it."""
         try:
             row = await self._registry.lookup(reference, requester.namespace)
         except InvalidArgument as exc:
@@ -75,21 +105,19 @@ class RestorePreparer:
             if self._remote is None:
                 raise NotFound(f"checkpoint {reference!r} is not in the registry of {requester}, and no"
                                " remote tier is configured") from None
-            return await self._from_remote(reference, requester)
+            return await self._from_remote(reference, requester, holder, progress, on_total)
         row = await self._committed(row)
         shares = [*await self._registry.shares(row.id), *self._shares_of(row.id, row.qualified_name)]
         access.check_restore(f"checkpoint {reference!r}", row.owner, requester, shares)
+        if holder is not None:
+            inuse, user, ttl_s = holder
+            inuse.hold(row.id, user, ttl_s)
         if self._local.has(row.id):
-            directory = self._local.committed(row.id)
-        elif self._fetcher is not None:
-            directory = await self._fetcher.fetch(row.id)
-        else:
+            return Located(row, self._local.committed(row.id), None)
+        if self._fetcher is None:
             raise NotFound(f"checkpoint {reference!r} is not in the local tier and no remote tier is configured")
-        prepared = await self._verified(directory)
-        if prepared.checkpoint_id != row.id or Party.of_metadata(prepared.metadata) != row.owner:
-            raise DataLoss(f"checkpoint {row.id}: {directory} holds another checkpoint"
-                           f" ({prepared.checkpoint_id or 'no id'}); refusing it")
-        return prepared
+        directory = await self._fetcher.fetch(row.id, progress=progress, on_total=on_total)
+        return Located(row, directory, await asyncio.to_thread(commit.read_metadata, directory))
 
     async def _committed(self, row: CheckpointRow) -> CheckpointRow:
         """The row, committed: a registry that lags behind the disk (the agent stopped
@@ -110,7 +138,9 @@ class RestorePreparer:
         raise FailedPrecondition(f"checkpoint {row.qualified_name} ({row.id}) is {row.state.value}, not"
                                  " committed" + (f": {row.error}" if row.error else ""))
 
-    async def _from_remote(self, reference: str, requester: Party) -> PreparedRestore:
+    async def _from_remote(self, reference: str, requester: Party, holder: tuple[InUse, str, float] | None,
+                           progress: Callable[[int], None] | None,
+                           on_total: Callable[[int], None] | None) -> Located:
         """Another node's checkpoint (migration), found through the bucket's name index."""
         assert self._remote is not None and self._fetcher is not None
         where = split_reference(reference, requester.namespace)
@@ -125,8 +155,11 @@ class RestorePreparer:
                 raise access.refusal(f"checkpoint {reference!r}", Party(namespace), requester)
             entry = await asyncio.to_thread(self._remote.resolve_name, namespace, name)
             checkpoint_id = naming.checkpoint_id(entry.checkpoint_id)
+        if holder is not None:
+            inuse, user, ttl_s = holder
+            inuse.hold(checkpoint_id, user, ttl_s)
         # The fetch verifies every file (commit.verify) before it renames into place.
-        directory = await self._fetcher.fetch(checkpoint_id)
+        directory = await self._fetcher.fetch(checkpoint_id, progress=progress, on_total=on_total)
         metadata = await asyncio.to_thread(commit.read_metadata, directory)
         row = CheckpointRow.from_metadata(metadata, tier=Tier.REMOTE, dirty=False)
         try:
@@ -136,8 +169,8 @@ class RestorePreparer:
             # Not ours to keep: nothing of it stays on this node.
             await asyncio.to_thread(shutil.rmtree, directory, True)
             raise
-        await self._registry.add_committed(row)
-        return await self._fit(directory, metadata)
+        recorded = await self._registry.add_committed(row)
+        return Located(recorded, directory, metadata)
 
     def _shares_of(self, checkpoint_id: str, qualified_name: str) -> list[access.Share]:
         return access.configured_shares(self._configured_shares, checkpoint_id, qualified_name)

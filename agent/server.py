@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,16 +18,24 @@ import grpc
 import kybernate
 from kybernate.agent import commit, naming
 from kybernate.agent.access import Party, Share, configured_shares
+from kybernate.agent.inuse import InUse
+from kybernate.agent.lifecycle import Lifecycle
+from kybernate.agent.local_tier import LocalTier
+from kybernate.agent.oci_tier import OCI_SCHEME, OciTier
 from kybernate.agent.pipeline import CheckpointPipeline, PipelineDeps
 from kybernate.agent.plan import plan_checkpoint
 from kybernate.agent.progress import ProgressChannel
 from kybernate.agent.registry import CheckpointRow, CheckpointState
 from kybernate.agent.remote import RemoteTier
 from kybernate.agent.restore import RestorePreparer, complete_restore, metadata_json
+from kybernate.agent.transfer import Snapshot, TransferMeter
 from kybernate.errors import FailedPrecondition, InvalidArgument, KybernateError
 from kybernate.protos import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+#: How often a long operation's stream reports progress.
+PROGRESS_INTERVAL_S = 0.25
 
 _GRPC_CODES: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -56,14 +65,14 @@ def status_from_errors(handler: Callable[[Any, Req], Awaitable[Resp]]) -> Callab
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):
-    def __init__(self, deps: PipelineDeps, remote: RemoteTier | None) -> None:
+    def __init__(self, deps: PipelineDeps, remote: RemoteTier | None, *, preparer: RestorePreparer,
+                 lifecycle: Lifecycle, oci: OciTier, inuse: InUse) -> None:
         self._deps = deps
         self._remote = remote
-        config = deps.config
-        self._preparer = RestorePreparer(
-            deps.registry, deps.local, remote, deps.gpu, deps.versions.criu,
-            allowed_roots=config.restore_allowed_roots, forbidden_roots=(config.local_tier, config.state_dir),
-            shares=config.restore_shares)
+        self._preparer = preparer
+        self._lifecycle = lifecycle
+        self._oci = oci
+        self._inuse = inuse
         self._pipelines: set[asyncio.Task[None]] = set()
 
     async def close(self, grace_s: float = 0.0) -> None:
@@ -110,17 +119,29 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     @status_from_errors
     async def PrepareRestore(self, request: agent_pb2.PrepareRestoreRequest) -> agent_pb2.PrepareRestoreResponse:
         source = request.WhichOneof("source")
+        user = _restore_user(request)
+        holder = (self._inuse, user, self._deps.config.restore_hold_s)
         try:
             if source == "directory":
                 prepared = await self._preparer.from_containerd(Path(request.directory))
             elif source == "host_directory":
                 prepared = await self._preparer.from_host_directory(Path(request.host_directory))
+            elif source == "checkpoint" and request.checkpoint.startswith(OCI_SCHEME):
+                requester = _requester(request)
+                imported = await self._oci.import_image(request.checkpoint[len(OCI_SCHEME):], requester, "",
+                                                        TransferMeter())
+                self._inuse.hold(imported.row.id, user, self._deps.config.restore_hold_s)
+                prepared = await self._preparer.from_registry(imported.row.id, requester, holder=holder)
             elif source == "checkpoint":
-                prepared = await self._preparer.from_registry(request.checkpoint, _requester(request))
+                prepared = await self._preparer.from_registry(request.checkpoint, _requester(request), holder=holder)
             else:
                 raise InvalidArgument("restore: name a checkpoint directory or a registry checkpoint")
         except KybernateError:
+            self._inuse.release(user)
             self._deps.metrics.restore_step("prepare", "failed")
+            raise
+        except BaseException:
+            self._inuse.release(user)
             raise
         self._deps.metrics.restore_step("prepare", "ok")
         return agent_pb2.PrepareRestoreResponse(
@@ -132,8 +153,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             pids = await complete_restore(self._deps.gpu, int(request.init_pid), dict(request.gpu_map))
         except KybernateError:
+            self._inuse.release(_restore_user(request))
             self._deps.metrics.restore_step("complete", "failed")
             raise
+        self._inuse.release(_restore_user(request))
         self._deps.metrics.restore_step("complete", "ok")
         return agent_pb2.CompleteRestoreResponse(cuda_pids=pids)
 
@@ -188,11 +211,129 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     @status_from_errors
     async def Status(self, request: agent_pb2.StatusRequest) -> agent_pb2.StatusResponse:
-        return agent_pb2.StatusResponse(
+        response = agent_pb2.StatusResponse(
             version=kybernate.__version__, cuda_backend=self._deps.gpu.backend_name,
             local_tier=str(self._deps.local.root), remote_tier=self._remote.url if self._remote else "",
             dirty_count=await self._deps.registry.dirty_count(),
-            checkpoints_in_flight=self._deps.limits.in_flight, criu_version=self._deps.versions.criu)
+            checkpoints_in_flight=self._deps.limits.in_flight, criu_version=self._deps.versions.criu,
+            runc_version=self._deps.versions.runc)
+        if request.probe_tiers:
+            free, error = await asyncio.to_thread(probe_local_tier, self._deps.local)
+            response.local_tier_free_bytes, response.local_tier_error = free, error
+            if self._remote is not None:
+                try:
+                    await asyncio.to_thread(self._remote.check_reachable)
+                except KybernateError as exc:
+                    response.remote_tier_error = str(exc)
+        return response
+
+    # -- the lifecycle --------------------------------------------------------------
+
+    @status_from_errors
+    async def DeleteCheckpoint(self, request: agent_pb2.DeleteCheckpointRequest) -> agent_pb2.DeleteCheckpointResponse:
+        removal = await self._lifecycle.remove(request.checkpoint, remote=request.remote)
+        return agent_pb2.DeleteCheckpointResponse(
+            record=self._plain_record(removal.row), removed_local=removal.removed_local,
+            removed_remote=removal.removed_remote)
+
+    @status_from_errors
+    async def CollectGarbage(self, request: agent_pb2.CollectGarbageRequest) -> agent_pb2.CollectGarbageResponse:
+        result = await self._lifecycle.collect(dry_run=request.dry_run)
+        return agent_pb2.CollectGarbageResponse(
+            collected=[agent_pb2.CollectedCheckpoint(record=self._plain_record(row), scope=decision.scope.value,
+                                                     reason=decision.reason)
+                       for row, decision in result.collected],
+            freed_local_bytes=result.freed_local_bytes, freed_remote_bytes=result.freed_remote_bytes,
+            kept=result.kept)
+
+    async def PromoteCheckpoint(self, request: agent_pb2.PromoteCheckpointRequest,
+                                context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[agent_pb2.TransferProgress]:
+        meter = TransferMeter()
+        async for message in self._transfer(context, meter, self._promoted(request.checkpoint, meter)):
+            yield message
+
+    async def _promoted(self, checkpoint: str, meter: TransferMeter) -> tuple[CheckpointRow, str]:
+        return await self._lifecycle.promote(checkpoint, meter), ""
+
+    async def FetchCheckpoint(self, request: agent_pb2.FetchCheckpointRequest,
+                              context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[agent_pb2.TransferProgress]:
+        meter = TransferMeter()
+
+        async def fetched() -> tuple[CheckpointRow, str]:
+            requester = _party(request.namespace, request.pod_namespace, "fetch")
+            return await self._lifecycle.fetch(request.checkpoint, requester, meter), ""
+
+        async for message in self._transfer(context, meter, fetched()):
+            yield message
+
+    async def ExportCheckpoint(self, request: agent_pb2.ExportCheckpointRequest,
+                               context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[agent_pb2.TransferProgress]:
+        meter = TransferMeter()
+        async for message in self._transfer(context, meter,
+                                            self._oci.export(request.checkpoint, request.reference, meter)):
+            yield message
+
+    async def ImportCheckpoint(self, request: agent_pb2.ImportCheckpointRequest,
+                               context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[agent_pb2.TransferProgress]:
+        meter = TransferMeter()
+
+        async def imported() -> tuple[CheckpointRow, str]:
+            owner = _party(request.namespace, request.pod_namespace, "import")
+            result = await self._oci.import_image(request.reference, owner, request.name, meter)
+            await self._lifecycle.refresh_occupancy()
+            return result.row, result.digest
+
+        async for message in self._transfer(context, meter, imported()):
+            yield message
+
+    async def VerifyCheckpoint(self, request: agent_pb2.VerifyCheckpointRequest,
+                               context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[agent_pb2.TransferProgress]:
+        meter = TransferMeter()
+
+        async def verified() -> tuple[CheckpointRow, str]:
+            return await self._lifecycle.verify(request.checkpoint, meter), ""
+
+        async for message in self._transfer(context, meter, verified()):
+            yield message
+
+    async def _transfer(self, context: grpc.aio.ServicerContext[Any, Any], meter: TransferMeter,
+                        work: Coroutine[Any, Any, tuple[CheckpointRow, str]]
+                        ) -> AsyncIterator[agent_pb2.TransferProgress]:
+        """Run `work`, streaming the meter's progress while it runs, then its record.
+        A client that leaves does not stop it (an upload or download half done is
+        worth finishing; the next one would start over)."""
+        task = asyncio.ensure_future(work)
+        last: Snapshot | None = None
+        while not task.done():
+            await asyncio.wait([task], timeout=PROGRESS_INTERVAL_S)
+            snapshot = meter.snapshot()
+            if snapshot != last and not task.done():
+                last = snapshot
+                yield agent_pb2.TransferProgress(step=snapshot.step, done_bytes=snapshot.done_bytes,
+                                                 total_bytes=snapshot.total_bytes)
+        try:
+            row, digest = task.result()
+        except KybernateError as exc:
+            await context.abort(grpc_code(exc.code), str(exc))
+        except Exception as exc:
+            log.exception("transfer failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        snapshot = meter.snapshot()
+        if snapshot != last and snapshot.step:  # where it ended, however quickly
+            yield agent_pb2.TransferProgress(step=snapshot.step, done_bytes=snapshot.done_bytes,
+                                             total_bytes=snapshot.total_bytes)
+        yield agent_pb2.TransferProgress(step="done", done_bytes=snapshot.done_bytes,
+                                         total_bytes=snapshot.total_bytes, record=await self._record(row),
+                                         digest=digest)
+
+    def _plain_record(self, row: CheckpointRow) -> agent_pb2.CheckpointRecord:
+        """The record of a row that may be gone from the registry (no shares read)."""
+        return agent_pb2.CheckpointRecord(
+            id=row.id, name=row.name, state=row.state.value, tier=row.tier.value, dirty=row.dirty,
+            size_bytes=row.size_bytes, file_count=row.file_count, container_id=row.container_id,
+            namespace=row.namespace, pod_namespace=row.pod_namespace, image=row.image,
+            created_at=row.created_at.isoformat(), error=row.error,
+            local_path=str(self._deps.local.committed(row.id)) if self._deps.local.has(row.id) else "")
 
     async def _record(self, row: CheckpointRow) -> agent_pb2.CheckpointRecord:
         shares = [*await self._deps.registry.shares(row.id),
@@ -204,6 +345,36 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             created_at=row.created_at.isoformat(), error=row.error,
             local_path=str(self._deps.local.committed(row.id)) if self._deps.local.has(row.id) else "",
             shared_with=sorted({str(share) for share in shares}))
+
+
+def _restore_user(request: agent_pb2.PrepareRestoreRequest | agent_pb2.CompleteRestoreRequest) -> str:
+    """Who holds a checkpoint during a restore: the restoring container."""
+    return f"restore of container {request.container_id or '(unnamed)'}"
+
+
+def _party(namespace: str, pod_namespace: str, what: str) -> Party:
+    if not namespace:
+        raise InvalidArgument(f"{what}: the namespace is required")
+    naming.containerd_namespace(namespace)
+    if pod_namespace:
+        naming.kubernetes_namespace(pod_namespace)
+    return Party(namespace, pod_namespace)
+
+
+def probe_local_tier(local: LocalTier) -> tuple[int, str]:
+    """(free bytes, "" or why the local tier cannot take a checkpoint): a file is
+    written, synced and removed, as a commit would."""
+    try:
+        local.prepare()
+        probe = local.root / f".probe-{os.getpid()}"
+        with probe.open("wb") as f:
+            f.write(b"kybernate")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        return local.free_bytes(), ""
+    except OSError as exc:
+        return 0, f"{local.root}: {exc.strerror or exc}"
 
 
 def _requester(request: agent_pb2.PrepareRestoreRequest) -> Party:

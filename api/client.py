@@ -173,7 +173,36 @@ class AgentClient:
 
         return await self._unary("ShareCheckpoint", request, timeout, agent_pb2.ShareCheckpointResponse)
 
-    async def status(self, *, timeout: float | None = None) -> agent_pb2.StatusResponse:
+    async def status(self, *, timeout: float | None = None, probe_tiers: bool = False) -> agent_pb2.StatusResponse:
         from kybernate.protos import agent_pb2
 
-        return await self._unary("Status", agent_pb2.StatusRequest(), timeout, agent_pb2.StatusResponse)
+        return await self._unary("Status", agent_pb2.StatusRequest(probe_tiers=probe_tiers), timeout,
+                                 agent_pb2.StatusResponse)
+
+    async def delete_checkpoint(self, request: agent_pb2.DeleteCheckpointRequest, *,
+                                timeout: float | None = None) -> agent_pb2.DeleteCheckpointResponse:
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("DeleteCheckpoint", request, timeout, agent_pb2.DeleteCheckpointResponse)
+
+    async def collect_garbage(self, request: agent_pb2.CollectGarbageRequest, *,
+                              timeout: float | None = None) -> agent_pb2.CollectGarbageResponse:
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("CollectGarbage", request, timeout, agent_pb2.CollectGarbageResponse)
+
+    async def transfer(self, method: str, request: Message, *,
+                       timeout: float | None = None) -> AsyncIterator[agent_pb2.TransferProgress]:
+        """A long operation (PromoteCheckpoint, FetchCheckpoint, ExportCheckpoint,
+        ImportCheckpoint, VerifyCheckpoint): its progress, the record last."""
+        import grpc
+
+        stub = await self._connected()
+        call = getattr(stub, method)(request, timeout=timeout)
+        try:
+            async for progress in call:
+                yield progress
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()

@@ -117,18 +117,20 @@ class CheckpointProgress(_message.Message):
     def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., checkpoint_id: _Optional[str] = ..., local_path: _Optional[str] = ..., elapsed_ms: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., container_state: _Optional[_Union[ContainerState, str]] = ..., cuda_pids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrepareRestoreRequest(_message.Message):
-    __slots__ = ("directory", "checkpoint", "host_directory", "namespace", "pod_namespace")
+    __slots__ = ("directory", "checkpoint", "host_directory", "namespace", "pod_namespace", "container_id")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     HOST_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     directory: str
     checkpoint: str
     host_directory: str
     namespace: str
     pod_namespace: str
-    def __init__(self, directory: _Optional[str] = ..., checkpoint: _Optional[str] = ..., host_directory: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_namespace: _Optional[str] = ...) -> None: ...
+    container_id: str
+    def __init__(self, directory: _Optional[str] = ..., checkpoint: _Optional[str] = ..., host_directory: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., container_id: _Optional[str] = ...) -> None: ...
 
 class PrepareRestoreResponse(_message.Message):
     __slots__ = ("image_dir", "metadata_json", "gpu_map", "checkpoint_id")
@@ -267,11 +269,13 @@ class InspectCheckpointResponse(_message.Message):
     def __init__(self, record: _Optional[_Union[CheckpointRecord, _Mapping]] = ..., metadata_json: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("probe_tiers",)
+    PROBE_TIERS_FIELD_NUMBER: _ClassVar[int]
+    probe_tiers: bool
+    def __init__(self, probe_tiers: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "cuda_backend", "local_tier", "remote_tier", "dirty_count", "checkpoints_in_flight", "criu_version")
+    __slots__ = ("version", "cuda_backend", "local_tier", "remote_tier", "dirty_count", "checkpoints_in_flight", "criu_version", "local_tier_free_bytes", "local_tier_error", "remote_tier_error", "runc_version")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CUDA_BACKEND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_TIER_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +283,10 @@ class StatusResponse(_message.Message):
     DIRTY_COUNT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     CRIU_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TIER_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TIER_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_TIER_ERROR_FIELD_NUMBER: _ClassVar[int]
+    RUNC_VERSION_FIELD_NUMBER: _ClassVar[int]
     version: str
     cuda_backend: str
     local_tier: str
@@ -286,4 +294,110 @@ class StatusResponse(_message.Message):
     dirty_count: int
     checkpoints_in_flight: int
     criu_version: str
-    def __init__(self, version: _Optional[str] = ..., cuda_backend: _Optional[str] = ..., local_tier: _Optional[str] = ..., remote_tier: _Optional[str] = ..., dirty_count: _Optional[int] = ..., checkpoints_in_flight: _Optional[int] = ..., criu_version: _Optional[str] = ...) -> None: ...
+    local_tier_free_bytes: int
+    local_tier_error: str
+    remote_tier_error: str
+    runc_version: str
+    def __init__(self, version: _Optional[str] = ..., cuda_backend: _Optional[str] = ..., local_tier: _Optional[str] = ..., remote_tier: _Optional[str] = ..., dirty_count: _Optional[int] = ..., checkpoints_in_flight: _Optional[int] = ..., criu_version: _Optional[str] = ..., local_tier_free_bytes: _Optional[int] = ..., local_tier_error: _Optional[str] = ..., remote_tier_error: _Optional[str] = ..., runc_version: _Optional[str] = ...) -> None: ...
+
+class DeleteCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint", "remote")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    remote: bool
+    def __init__(self, checkpoint: _Optional[str] = ..., remote: _Optional[bool] = ...) -> None: ...
+
+class DeleteCheckpointResponse(_message.Message):
+    __slots__ = ("record", "removed_local", "removed_remote")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_REMOTE_FIELD_NUMBER: _ClassVar[int]
+    record: CheckpointRecord
+    removed_local: bool
+    removed_remote: bool
+    def __init__(self, record: _Optional[_Union[CheckpointRecord, _Mapping]] = ..., removed_local: _Optional[bool] = ..., removed_remote: _Optional[bool] = ...) -> None: ...
+
+class CollectGarbageRequest(_message.Message):
+    __slots__ = ("dry_run",)
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
+
+class CollectedCheckpoint(_message.Message):
+    __slots__ = ("record", "scope", "reason")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    record: CheckpointRecord
+    scope: str
+    reason: str
+    def __init__(self, record: _Optional[_Union[CheckpointRecord, _Mapping]] = ..., scope: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CollectGarbageResponse(_message.Message):
+    __slots__ = ("collected", "freed_local_bytes", "freed_remote_bytes", "kept")
+    COLLECTED_FIELD_NUMBER: _ClassVar[int]
+    FREED_LOCAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREED_REMOTE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    collected: _containers.RepeatedCompositeFieldContainer[CollectedCheckpoint]
+    freed_local_bytes: int
+    freed_remote_bytes: int
+    kept: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, collected: _Optional[_Iterable[_Union[CollectedCheckpoint, _Mapping]]] = ..., freed_local_bytes: _Optional[int] = ..., freed_remote_bytes: _Optional[int] = ..., kept: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PromoteCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    def __init__(self, checkpoint: _Optional[str] = ...) -> None: ...
+
+class FetchCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint", "namespace", "pod_namespace")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    namespace: str
+    pod_namespace: str
+    def __init__(self, checkpoint: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_namespace: _Optional[str] = ...) -> None: ...
+
+class ExportCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint", "reference")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    reference: str
+    def __init__(self, checkpoint: _Optional[str] = ..., reference: _Optional[str] = ...) -> None: ...
+
+class ImportCheckpointRequest(_message.Message):
+    __slots__ = ("reference", "namespace", "pod_namespace", "name")
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    reference: str
+    namespace: str
+    pod_namespace: str
+    name: str
+    def __init__(self, reference: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class VerifyCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    def __init__(self, checkpoint: _Optional[str] = ...) -> None: ...
+
+class TransferProgress(_message.Message):
+    __slots__ = ("step", "done_bytes", "total_bytes", "record", "digest")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DONE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    step: str
+    done_bytes: int
+    total_bytes: int
+    record: CheckpointRecord
+    digest: str
+    def __init__(self, step: _Optional[str] = ..., done_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., record: _Optional[_Union[CheckpointRecord, _Mapping]] = ..., digest: _Optional[str] = ...) -> None: ...

@@ -79,6 +79,41 @@ class AgentStub:
                 request_serializer=kybernate_dot_protos_dot_agent__pb2.StatusRequest.SerializeToString,
                 response_deserializer=kybernate_dot_protos_dot_agent__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/kybernate.agent.v1.Agent/DeleteCheckpoint',
+                request_serializer=kybernate_dot_protos_dot_agent__pb2.DeleteCheckpointRequest.SerializeToString,
+                response_deserializer=kybernate_dot_protos_dot_agent__pb2.DeleteCheckpointResponse.FromString,
+                _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/kybernate.agent.v1.Agent/CollectGarbage',
+                request_serializer=kybernate_dot_protos_dot_agent__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=kybernate_dot_protos_dot_agent__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
+        self.PromoteCheckpoint = channel.unary_stream(
+                '/kybernate.agent.v1.Agent/PromoteCheckpoint',
+                request_serializer=kybernate_dot_protos_dot_agent__pb2.PromoteCheckpointRequest.SerializeToString,
+                response_deserializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
+                _registered_method=True)
+        self.FetchCheckpoint = channel.unary_stream(
+                '/kybernate.agent.v1.Agent/FetchCheckpoint',
+                request_serializer=kybernate_dot_protos_dot_agent__pb2.FetchCheckpointRequest.SerializeToString,
+                response_deserializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
+                _registered_method=True)
+        self.ExportCheckpoint = channel.unary_stream(
+                '/kybernate.agent.v1.Agent/ExportCheckpoint',
+                request_serializer=kybernate_dot_protos_dot_agent__pb2.ExportCheckpointRequest.SerializeToString,
+                response_deserializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
+                _registered_method=True)
+        self.ImportCheckpoint = channel.unary_stream(
+                '/kybernate.agent.v1.Agent/ImportCheckpoint',
+                request_serializer=kybernate_dot_protos_dot_agent__pb2.ImportCheckpointRequest.SerializeToString,
+                response_deserializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
+                _registered_method=True)
+        self.VerifyCheckpoint = channel.unary_stream(
+                '/kybernate.agent.v1.Agent/VerifyCheckpoint',
+                request_serializer=kybernate_dot_protos_dot_agent__pb2.VerifyCheckpointRequest.SerializeToString,
+                response_deserializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -147,6 +182,59 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteCheckpoint(self, request, context):
+        """The checkpoint lifecycle (operators, `kybernate checkpoint ...`).
+        Removes a checkpoint's local files and registry row (and its remote copy when
+        asked); FailedPrecondition while a restore, upload, fetch or export uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """Applies the retention policy of the agent's configuration now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteCheckpoint(self, request, context):
+        """Long operations stream their progress; the last message carries the record.
+        Upload now (with the promoter's retries).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchCheckpoint(self, request, context):
+        """Bring a remote checkpoint into the local tier ahead of a restore, for a
+        namespace that may restore it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportCheckpoint(self, request, context):
+        """Push a checkpoint to an OCI registry as a checkpoint image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportCheckpoint(self, request, context):
+        """Pull a checkpoint image, verify it, and register it in a namespace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyCheckpoint(self, request, context):
+        """Check every file of a local checkpoint against its metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +282,41 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=kybernate_dot_protos_dot_agent__pb2.StatusRequest.FromString,
                     response_serializer=kybernate_dot_protos_dot_agent__pb2.StatusResponse.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=kybernate_dot_protos_dot_agent__pb2.DeleteCheckpointRequest.FromString,
+                    response_serializer=kybernate_dot_protos_dot_agent__pb2.DeleteCheckpointResponse.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=kybernate_dot_protos_dot_agent__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=kybernate_dot_protos_dot_agent__pb2.CollectGarbageResponse.SerializeToString,
+            ),
+            'PromoteCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.PromoteCheckpoint,
+                    request_deserializer=kybernate_dot_protos_dot_agent__pb2.PromoteCheckpointRequest.FromString,
+                    response_serializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.SerializeToString,
+            ),
+            'FetchCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchCheckpoint,
+                    request_deserializer=kybernate_dot_protos_dot_agent__pb2.FetchCheckpointRequest.FromString,
+                    response_serializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.SerializeToString,
+            ),
+            'ExportCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCheckpoint,
+                    request_deserializer=kybernate_dot_protos_dot_agent__pb2.ExportCheckpointRequest.FromString,
+                    response_serializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.SerializeToString,
+            ),
+            'ImportCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImportCheckpoint,
+                    request_deserializer=kybernate_dot_protos_dot_agent__pb2.ImportCheckpointRequest.FromString,
+                    response_serializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.SerializeToString,
+            ),
+            'VerifyCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.VerifyCheckpoint,
+                    request_deserializer=kybernate_dot_protos_dot_agent__pb2.VerifyCheckpointRequest.FromString,
+                    response_serializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +562,195 @@ class Agent:
             '/kybernate.agent.v1.Agent/Status',
             kybernate_dot_protos_dot_agent__pb2.StatusRequest.SerializeToString,
             kybernate_dot_protos_dot_agent__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kybernate.agent.v1.Agent/DeleteCheckpoint',
+            kybernate_dot_protos_dot_agent__pb2.DeleteCheckpointRequest.SerializeToString,
+            kybernate_dot_protos_dot_agent__pb2.DeleteCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kybernate.agent.v1.Agent/CollectGarbage',
+            kybernate_dot_protos_dot_agent__pb2.CollectGarbageRequest.SerializeToString,
+            kybernate_dot_protos_dot_agent__pb2.CollectGarbageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kybernate.agent.v1.Agent/PromoteCheckpoint',
+            kybernate_dot_protos_dot_agent__pb2.PromoteCheckpointRequest.SerializeToString,
+            kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kybernate.agent.v1.Agent/FetchCheckpoint',
+            kybernate_dot_protos_dot_agent__pb2.FetchCheckpointRequest.SerializeToString,
+            kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kybernate.agent.v1.Agent/ExportCheckpoint',
+            kybernate_dot_protos_dot_agent__pb2.ExportCheckpointRequest.SerializeToString,
+            kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kybernate.agent.v1.Agent/ImportCheckpoint',
+            kybernate_dot_protos_dot_agent__pb2.ImportCheckpointRequest.SerializeToString,
+            kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kybernate.agent.v1.Agent/VerifyCheckpoint',
+            kybernate_dot_protos_dot_agent__pb2.VerifyCheckpointRequest.SerializeToString,
+            kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
             options,
             channel_credentials,
             insecure,

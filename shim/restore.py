@@ -68,6 +68,7 @@ class AgentRestore:
         spec = load_spec(process.bundle)
         prepare = prepare_request(source, process.namespace,
                                   spec_annotations(spec).get(POD_NAMESPACE_ANNOTATION, ""))
+        prepare.container_id = process.id
         socket = agent_socket(spec, self._environ)
         try:
             return await self._restore(process, prepare, socket)
