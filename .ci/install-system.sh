@@ -22,6 +22,9 @@ UPSTREAM_2="golang-github-containerd-containerd-api-dev/sid golang-github-contai
 UPSTREAM_COMMON="golang-github-checkpoint-restore-go-criu-dev/bookworm golang-github-gogo-googleapis-dev/bookworm golang-github-gogo-protobuf-dev/bookworm"
 # The CRI API (runtime.v1) that kubelet speaks.
 UPSTREAM_CRI="golang-k8s-cri-api-dev/sid"
+# An OCI registry (distribution 2.8) for the checkpoint-image tests: unpacked, so that
+# no system service starts; each test session runs it on loopback with its own config.
+REGISTRY=$PREFIX/docker-registry     # usr/bin/docker-registry
 
 criu_ok() { command -v criu >/dev/null && criu --version 2>/dev/null | grep -qE 'Version: 4\.([2-9]|[1-9][0-9])'; }
 # sid moves on and drops superseded versions: accept any 2.x from 2.1 on, as for criu.
@@ -39,7 +42,7 @@ unpacked_ok() {  # DIR PKG/SUITE...
 have_system() {
   criu_ok && command -v containerd >/dev/null && command -v runc >/dev/null \
     && command -v busybox >/dev/null && command -v iptables-restore >/dev/null \
-    && command -v gcc >/dev/null \
+    && command -v gcc >/dev/null && command -v checkpointctl >/dev/null \
     && /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null
 }
 have_unpacked() {
@@ -47,7 +50,8 @@ have_unpacked() {
     && unpacked_ok "$UPSTREAM/containerd-1.7" $UPSTREAM_17 \
     && unpacked_ok "$UPSTREAM/containerd-2" $UPSTREAM_2 \
     && unpacked_ok "$UPSTREAM/common" $UPSTREAM_COMMON \
-    && unpacked_ok "$UPSTREAM/cri-api" $UPSTREAM_CRI
+    && unpacked_ok "$UPSTREAM/cri-api" $UPSTREAM_CRI \
+    && unpacked_ok "$REGISTRY" docker-registry/bookworm
 }
 
 # unpack DIR PKG/SUITE...: `apt-get download` the packages and `dpkg -x` them into DIR,
@@ -99,6 +103,9 @@ if ! have_system; then
   # gcc builds the static pause binary of the CRI tests' sandbox image; libc6-dev must
   # match the trixie libc6 installed above.
   command -v gcc >/dev/null || $APT gcc libc6-dev/trixie
+  # checkpointctl reads checkpoint archives as Podman and CRI-O write them (the
+  # checkpoint-image tests show it reading ours); trixie's, built against its libc.
+  command -v checkpointctl >/dev/null || $APT checkpointctl/trixie
 fi
 # containerd 2.x beside the system's 1.7: unpacked, run with its own private config.
 containerd2_ok || { rm -rf "$CONTAINERD2"; unpack "$CONTAINERD2" containerd/sid; }
@@ -106,10 +113,13 @@ unpack "$UPSTREAM/containerd-1.7" $UPSTREAM_17
 unpack "$UPSTREAM/containerd-2" $UPSTREAM_2
 unpack "$UPSTREAM/common" $UPSTREAM_COMMON
 unpack "$UPSTREAM/cri-api" $UPSTREAM_CRI
+unpack "$REGISTRY" docker-registry/bookworm
 criu --version
 criu_ok || { echo "install-system: criu is older than 4.2" >&2; exit 1; }
 containerd --version
 containerd2_ok || { echo "install-system: no containerd 2.1 or newer in $CONTAINERD2" >&2; exit 1; }
 "$CONTAINERD2/usr/bin/containerd" --version
 runc --version
+"$REGISTRY/usr/bin/docker-registry" --version
+command -v checkpointctl
 criu check
