@@ -18,6 +18,15 @@ commands:
   checkpoint list [...]            list the checkpoints the agent holds
   checkpoint inspect ID [...]      show one checkpoint's metadata
   checkpoint share ID --with NS    let another namespace restore it (--revoke: no more)
+  checkpoint rm ID... [--remote]   remove checkpoints (local files, record, remote copy)
+  checkpoint gc [--dry-run]        apply the agent's retention policy now
+  checkpoint promote ID            upload to the remote tier now
+  checkpoint fetch ID [-n NS]      download from the remote tier ahead of a restore
+  checkpoint verify ID             check every file against its metadata
+  checkpoint export ID REF         push as an OCI checkpoint image (registry/repo:tag)
+  checkpoint import REF [-n NS]    pull a checkpoint image, verify and record it
+  doctor [--json]                  check this node: kernel, CRIU, runc, containerd,
+                                   the runtime entry, the agent and its tiers, GPUs
   demo [--keep]                    run a container through Kybernate on a private
                                    containerd: run, exec, checkpoint, restore, clean up
 """
@@ -30,6 +39,7 @@ def _agent(argv: list[str]) -> int:
 
 
 def _checkpoint(argv: list[str]) -> int:
+    from kybernate.cli import lifecycle as lifecycle_cli
     from kybernate.cli.checkpoint import (
         checkpoint_inspect_main,
         checkpoint_list_main,
@@ -41,11 +51,24 @@ def _checkpoint(argv: list[str]) -> int:
         "ls": checkpoint_list_main,
         "inspect": checkpoint_inspect_main,
         "share": checkpoint_share_main,
+        "rm": lifecycle_cli.checkpoint_rm_main,
+        "gc": lifecycle_cli.checkpoint_gc_main,
+        "promote": lifecycle_cli.checkpoint_promote_main,
+        "fetch": lifecycle_cli.checkpoint_fetch_main,
+        "verify": lifecycle_cli.checkpoint_verify_main,
+        "export": lifecycle_cli.checkpoint_export_main,
+        "import": lifecycle_cli.checkpoint_import_main,
     }
     if not argv or argv[0] not in commands:
-        print("usage: kybernate checkpoint {list|inspect ID|share ID --with NS} [--socket PATH]", file=sys.stderr)
+        print(f"usage: kybernate checkpoint {{{'|'.join(sorted(commands))}}} ... [--socket PATH]", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
+
+
+def _doctor(argv: list[str]) -> int:
+    from kybernate.cli.doctor import doctor_main
+
+    return doctor_main(argv)
 
 
 def _demo(argv: list[str]) -> int:
@@ -58,7 +81,11 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "agent": _agent,
     "checkpoint": _checkpoint,
     "demo": _demo,
+    "doctor": _doctor,
 }
+
+#: The top-level modules of the `agent` extra (pyproject.toml).
+AGENT_EXTRA_MODULES = frozenset({"grpc", "boto3", "botocore", "prometheus_client"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,5 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         print(f"kybernate: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr, end="")
         return 2
-    return command(args[1:])
+    try:
+        return command(args[1:])
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in AGENT_EXTRA_MODULES:
+            raise
+        print(f"kybernate {args[0]}: needs the agent's packages ({exc.name} is missing): install them with\n"
+              "  pip install 'kybernate[agent]'", file=sys.stderr)
+        return 3
 
