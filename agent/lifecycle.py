@@ -203,6 +203,8 @@ class Lifecycle:
             return row
         if not self._local.has(row.id):
             raise NotFound(f"checkpoint {row.qualified_name} ({row.id}) has no local copy to upload")
+        if not row.dirty:  # its remote copy was removed: upload it again
+            await self._registry.mark_dirty(row.id)
         with self._inuse.using(row.id, "upload"):
             started = asyncio.get_running_loop().time()
             uploaded = await self._promoter.promote(

@@ -275,6 +275,10 @@ class Registry:
     async def mark_uploaded(self, id: str) -> None:
         await self._update(id, "tier = 'remote', dirty = 0")
 
+    async def mark_dirty(self, id: str) -> None:
+        """To be uploaded (again): an operator asked for it."""
+        await self._update(id, "tier = 'local', dirty = 1")
+
     async def mark_remote_removed(self, id: str) -> None:
         """Its remote copy is gone, its local copy stays: local again, and clean (the
         promoter must not upload what an operator or the retention policy removed)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kybernate.api.client import AgentClient
@@ -102,24 +102,39 @@ def _print_record(last: Any, verb: str, as_json: bool) -> None:
               + (f" {last.digest}" if last.digest else ""))
 
 
-def checkpoint_promote_main(argv: Sequence[str]) -> int:
-    parser = _client_parser("kybernate checkpoint promote", "Upload a checkpoint to the remote tier now")
+def _one_checkpoint_main(argv: Sequence[str], prog: str, description: str, method: str,
+                         verbs: tuple[str, str], request: Callable[[str], Any]) -> int:
+    """A long operation on one checkpoint named by id, name or namespace/name."""
+    parser = _client_parser(prog, description)
     parser.add_argument("checkpoint", help="id, name, or namespace/name")
     _namespace_argument(parser)
     _json_argument(parser)
     args = parser.parse_args(list(argv))
 
     async def run() -> int:
-        from kybernate.protos import agent_pb2
-
         reference = _reference(args.checkpoint, args.namespace)
         async with AgentClient(args.socket) as client:
-            last = await _transfer(client, "PromoteCheckpoint",
-                                   agent_pb2.PromoteCheckpointRequest(checkpoint=reference), f"upload {reference}")
-        _print_record(last, "uploaded", args.json)
+            last = await _transfer(client, method, request(reference), f"{verbs[0]} {reference}")
+        _print_record(last, verbs[1], args.json)
         return 0
 
     return _run_client(run)
+
+
+def checkpoint_promote_main(argv: Sequence[str]) -> int:
+    from kybernate.protos import agent_pb2
+
+    return _one_checkpoint_main(argv, "kybernate checkpoint promote", "Upload a checkpoint to the remote tier now",
+                                "PromoteCheckpoint", ("upload", "uploaded"),
+                                lambda reference: agent_pb2.PromoteCheckpointRequest(checkpoint=reference))
+
+
+def checkpoint_verify_main(argv: Sequence[str]) -> int:
+    from kybernate.protos import agent_pb2
+
+    return _one_checkpoint_main(argv, "kybernate checkpoint verify", "Check every file of a local checkpoint",
+                                "VerifyCheckpoint", ("verify", "verified"),
+                                lambda reference: agent_pb2.VerifyCheckpointRequest(checkpoint=reference))
 
 
 def checkpoint_fetch_main(argv: Sequence[str]) -> int:
@@ -140,26 +155,6 @@ def checkpoint_fetch_main(argv: Sequence[str]) -> int:
                 checkpoint=args.checkpoint, namespace=args.namespace, pod_namespace=args.pod_namespace),
                 f"download {args.checkpoint}")
         _print_record(last, "fetched", args.json)
-        return 0
-
-    return _run_client(run)
-
-
-def checkpoint_verify_main(argv: Sequence[str]) -> int:
-    parser = _client_parser("kybernate checkpoint verify", "Check every file of a local checkpoint")
-    parser.add_argument("checkpoint", help="id, name, or namespace/name")
-    _namespace_argument(parser)
-    _json_argument(parser)
-    args = parser.parse_args(list(argv))
-
-    async def run() -> int:
-        from kybernate.protos import agent_pb2
-
-        reference = _reference(args.checkpoint, args.namespace)
-        async with AgentClient(args.socket) as client:
-            last = await _transfer(client, "VerifyCheckpoint",
-                                   agent_pb2.VerifyCheckpointRequest(checkpoint=reference), f"verify {reference}")
-        _print_record(last, "verified", args.json)
         return 0
 
     return _run_client(run)

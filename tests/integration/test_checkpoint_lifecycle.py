@@ -17,23 +17,19 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kybernate.api.client import AgentClient
 from kybernate.protos import agent_pb2
-from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.agent import AgentProcess, temporary_workdir
-from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
-from tests.support.images import BUSYBOX_IMAGE_REF
-from tests.support.s3 import S3Server, free_port
-from tests.support.tasks import private_containerd, remove_container
+from tests.support.containerd import Containerd
+from tests.support.counters import checkpoint, cli, container_names, records, run
+from tests.support.s3 import S3Server, free_port, running_s3
+from tests.support.tasks import private_containerd
 
 pytestmark = pytest.mark.integration
-
-NAMESPACE_OF = "lifecycle"
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +46,14 @@ def ctd(busybox_archive: Path) -> Iterator[Containerd]:
 
 @pytest.fixture
 def s3() -> Iterator[S3Server]:
-    server = S3Server()
-    server.start()
-    try:
+    with running_s3() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def names(ctd: Containerd) -> Iterator[Callable[[str], str]]:
-    made: list[str] = []
-
-    def make(prefix: str) -> str:
-        made.append(f"kyb-{prefix}-{uuid.uuid4().hex[:6]}")
-        return made[-1]
-
-    yield make
-    for container_id in made:
-        remove_container(ctd, container_id)
+    with container_names(ctd) as make:
+        yield make
 
 
 def s3_toml(s3: S3Server, bucket: str) -> str:
@@ -76,42 +61,6 @@ def s3_toml(s3: S3Server, bucket: str) -> str:
     return (f'[s3]\nbucket = "{bucket}"\nendpoint_url = "{s3.url}"\nprefix = "kyb/"\nregion = "us-east-1"\n'
             'access_key_id = "k"\nsecret_access_key = "s"\nmax_attempts = 2\nbackoff_base_s = 0.05\n'
             "backoff_max_s = 0.1\npromote_interval_s = 3600\nrequest_max_attempts = 1\n")
-
-
-def cli(agent: AgentProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "kybernate", "checkpoint", *args, "--socket", str(agent.socket)],
-                            capture_output=True, text=True, timeout=120, check=False)
-    if check:
-        assert result.returncode == 0, result.stderr + agent.log()[-3000:]
-    return result
-
-
-def listing(agent: AgentProcess) -> dict[str, dict[str, Any]]:
-    return {r["id"]: r for r in map(json.loads, cli(agent, "list", "--json").stdout.splitlines())}
-
-
-def run(ctd: Containerd, agent: AgentProcess, container_id: str) -> None:
-    result = ctd.ctr("run", "--runtime", KYBERNATE_RUNTIME, "-d", "--annotation",
-                     f"{ANNOTATION_AGENT_SOCKET}={agent.socket}", BUSYBOX_IMAGE_REF, container_id, "sh", "-c",
-                     "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done", timeout=120)
-    assert result.returncode == 0, result.stderr
-    ctd.wait_task_status(container_id, "RUNNING")
-
-
-def checkpoint(ctd: Containerd, agent: AgentProcess, container_id: str) -> dict[str, Any]:
-    """`ctr task checkpoint`; the registry's record of the new checkpoint."""
-    before = set(listing(agent))
-    # ctr names the checkpoint's content by the second: two in one second collide.
-    second = int(time.time())
-    while int(time.time()) == second:
-        time.sleep(0.05)
-    result = ctd.ctr("task", "checkpoint", container_id, timeout=120)
-    assert result.returncode == 0, result.stderr + agent.log()[-2000:]
-    if result.stdout.strip():
-        ctd.ctr("images", "rm", result.stdout.strip().splitlines()[-1], timeout=30)
-    new = [r for i, r in listing(agent).items() if i not in before]
-    assert len(new) == 1 and new[0]["state"] == "committed", new
-    return new[0]
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -140,7 +89,7 @@ def test_promote_fetch_and_rm_against_s3(workdir: Path, ctd: Containerd, s3: S3S
         s3.stop()
         taken = checkpoint(ctd, agent, source)
         wait_until(lambda: "stays dirty" in agent.log(), "the upload to give up")
-        assert listing(agent)[taken["id"]]["dirty"] is True
+        assert records(agent)[taken["id"]]["dirty"] is True
         s3.start()
 
         promoted = json.loads(cli(agent, "promote", taken["name"], "-n", ctd.namespace, "--json").stdout)
@@ -152,8 +101,8 @@ def test_promote_fetch_and_rm_against_s3(workdir: Path, ctd: Containerd, s3: S3S
         out = cli(agent, "rm", taken["id"]).stdout
         assert "local copy" in out and "remote copy" not in out
         assert not (agent.local_tier / taken["id"]).exists()
-        assert listing(agent)[taken["id"]]["tier"] == "remote"
-        assert not listing(agent)[taken["id"]].get("local_path")
+        assert records(agent)[taken["id"]]["tier"] == "remote"
+        assert not records(agent)[taken["id"]].get("local_path")
 
         # fetch for another namespace: refused before a byte is downloaded.
         refused = cli(agent, "fetch", f"{ctd.namespace}/{taken['name']}", "-n", f"{ctd.namespace}-other",
@@ -185,7 +134,7 @@ def test_promote_fetch_and_rm_against_s3(workdir: Path, ctd: Containerd, s3: S3S
 
         out = cli(agent, "rm", "--remote", taken["id"]).stdout
         assert "local copy" in out and "remote copy" in out
-        assert taken["id"] not in listing(agent)
+        assert taken["id"] not in records(agent)
         assert remote_keys(s3, bucket, taken["id"]) == []
         assert not (agent.local_tier / taken["id"]).exists()
     finally:
@@ -203,7 +152,7 @@ def test_gc_keeps_the_newest_and_holds_the_local_budget(workdir: Path, ctd: Cont
         source = names("gc")
         run(ctd, agent, source)
         taken = [checkpoint(ctd, agent, source) for _ in range(3)]
-        wait_until(lambda: all(listing(agent)[t["id"]]["tier"] == "remote" for t in taken), "the uploads")
+        wait_until(lambda: all(records(agent)[t["id"]]["tier"] == "remote" for t in taken), "the uploads")
         oldest, middle, newest = taken
         agent.stop()
         # Keep two per container; the local tier holds about one checkpoint.
@@ -215,13 +164,13 @@ def test_gc_keeps_the_newest_and_holds_the_local_budget(workdir: Path, ctd: Cont
         planned = json.loads(cli(agent, "gc", "--dry-run", "--json").stdout)
         assert {(c["record"]["id"], c["scope"]) for c in planned["collected"]} == {
             (oldest["id"], "all"), (middle["id"], "local")}
-        assert set(listing(agent)) >= {t["id"] for t in taken}, "a dry run removes nothing"
+        assert set(records(agent)) >= {t["id"] for t in taken}, "a dry run removes nothing"
 
         done = json.loads(cli(agent, "gc", "--json").stdout)
         assert {(c["record"]["id"], c["scope"]) for c in done["collected"]} == {
             (oldest["id"], "all"), (middle["id"], "local")}
         assert int(done["freed_local_bytes"]) >= int(oldest["size_bytes"]) + int(middle["size_bytes"])
-        rows = listing(agent)
+        rows = records(agent)
         assert oldest["id"] not in rows and remote_keys(s3, bucket, oldest["id"]) == []
         assert rows[middle["id"]]["tier"] == "remote" and not rows[middle["id"]].get("local_path")
         assert remote_keys(s3, bucket, middle["id"]), "its remote copy stays: a restore fetches it"

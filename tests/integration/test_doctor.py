@@ -44,17 +44,6 @@ def cri_ctd() -> Iterator[Containerd]:
 
 
 @pytest.fixture(scope="module")
-def plain_ctd() -> Iterator[Containerd]:
-    """A private containerd without CRI, as the other tests run it."""
-    instance = Containerd()
-    try:
-        instance.start()
-        yield instance
-    finally:
-        instance.stop()
-
-
-@pytest.fixture(scope="module")
 def agent(workdir: Path) -> Iterator[AgentProcess]:
     with running_agent(workdir, "doctor") as node:
         yield node
@@ -95,9 +84,9 @@ def test_a_ready_node(cri_ctd: Containerd, agent: AgentProcess) -> None:
     assert checks(as_json)["agent"]["status"] == "ok"
 
 
-def test_no_runtime_entry_in_containerds_config(plain_ctd: Containerd, agent: AgentProcess) -> None:
-    # CRI is off, no handler runs Kybernate.
-    result = doctor(plain_ctd, agent.socket, "--json")
+def test_no_runtime_entry_in_containerds_config(containerd: Containerd, agent: AgentProcess) -> None:
+    # The session's containerd: CRI is off, no handler runs Kybernate.
+    result = doctor(containerd, agent.socket, "--json")
     assert result.returncode == 1, result.stdout
     entry = checks(result)["runtime entry"]
     assert entry["status"] == "fail" and "io.containerd.kybernate.v1" in entry["detail"]

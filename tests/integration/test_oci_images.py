@@ -9,23 +9,26 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 import tarfile
-import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET, ANNOTATION_RESTORE_FROM
 
 from tests.support.agent import AgentProcess, running_agent, temporary_workdir
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
-from tests.support.images import BUSYBOX_IMAGE_REF
+from tests.support.counters import (
+    checkpoint,
+    cli,
+    container_names,
+    count,
+    records,
+    run,
+    wait_for_count,
+)
 from tests.support.registry import RegistryServer, running_registry
-from tests.support.tasks import private_containerd, remove_container
+from tests.support.tasks import private_containerd
 
 pytestmark = pytest.mark.integration
 
@@ -59,65 +62,8 @@ def ctd(busybox_archive: Path) -> Iterator[Containerd]:
 
 @pytest.fixture
 def names(ctd: Containerd) -> Iterator[Callable[[str], str]]:
-    made: list[str] = []
-
-    def make(prefix: str) -> str:
-        made.append(f"kyb-{prefix}-{uuid.uuid4().hex[:6]}")
-        return made[-1]
-
-    yield make
-    for container_id in made:
-        remove_container(ctd, container_id)
-
-
-def cli(agent: AgentProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "kybernate", "checkpoint", *args, "--socket", str(agent.socket)],
-                            capture_output=True, text=True, timeout=180, check=False)
-    if check:
-        assert result.returncode == 0, result.stderr + agent.log()[-3000:]
-    return result
-
-
-def run(ctd: Containerd, agent: AgentProcess, container_id: str, *, restore_from: str = "",
-        check: bool = True) -> str:
-    args = ["run", "--runtime", KYBERNATE_RUNTIME, "-d", "--annotation", f"{ANNOTATION_AGENT_SOCKET}={agent.socket}"]
-    if restore_from:
-        args += ["--annotation", f"{ANNOTATION_RESTORE_FROM}={restore_from}"]
-    result = ctd.ctr(*args, BUSYBOX_IMAGE_REF, container_id, "sh", "-c",
-                     "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done", timeout=180)
-    if check:
-        assert result.returncode == 0, result.stderr + agent.log()[-3000:]
-        ctd.wait_task_status(container_id, "RUNNING")
-    return result.stderr
-
-
-def count(ctd: Containerd, container_id: str) -> int:
-    """The container's counter (read again when caught between truncate and write)."""
-    for _ in range(50):
-        result = ctd.ctr("task", "exec", "--exec-id", f"c{uuid.uuid4().hex[:6]}", container_id, "cat",
-                         "/tmp/count", timeout=60)
-        assert result.returncode == 0, result.stderr
-        if result.stdout.strip():
-            return int(result.stdout.strip())
-    raise AssertionError(f"{container_id}: /tmp/count stayed empty")
-
-
-def wait_for_count(ctd: Containerd, container_id: str, least: int) -> None:
-    deadline = time.monotonic() + 60
-    while count(ctd, container_id) < least:
-        assert time.monotonic() < deadline, f"{container_id} never counted to {least}"
-        time.sleep(0.2)
-
-
-def checkpoint(ctd: Containerd, agent: AgentProcess, container_id: str) -> dict[str, Any]:
-    result = ctd.ctr("task", "checkpoint", container_id, timeout=120)
-    assert result.returncode == 0, result.stderr + agent.log()[-2000:]
-    if result.stdout.strip():
-        ctd.ctr("images", "rm", result.stdout.strip().splitlines()[-1], timeout=30)
-    listing = [json.loads(line) for line in cli(agent, "list", "--json").stdout.splitlines()]
-    mine = [r for r in listing if r["container_id"] == container_id and r["state"] == "committed"]
-    assert len(mine) == 1, listing
-    return mine[0]
+    with container_names(ctd) as make:
+        yield make
 
 
 def get(registry: RegistryServer, path: str, accept: str = "") -> bytes:
@@ -183,14 +129,14 @@ def test_export_show_import_and_restore_through_a_registry(
     restored = names("restored")
     run(ctd, agent, restored, restore_from=f"oci:{reference}")
     assert count(ctd, restored) >= 30, "the counter goes on from the checkpoint's value"
-    rows = [json.loads(line) for line in cli(agent, "list", "--json").stdout.splitlines()]
+    rows = list(records(agent).values())
     pulled = [r for r in rows if r["namespace"] == ctd.namespace and r["name"].startswith("oci-")]
     assert len(pulled) == 1 and pulled[0]["id"] not in (taken["id"], imported["id"])
 
     # A second restore of the same image reuses what the namespace already pulled.
     again = names("again")
     run(ctd, agent, again, restore_from=f"oci:{reference}")
-    rows = [json.loads(line) for line in cli(agent, "list", "--json").stdout.splitlines()]
+    rows = list(records(agent).values())
     assert len([r for r in rows if r["namespace"] == ctd.namespace and r["name"].startswith("oci-")]) == 1
 
 

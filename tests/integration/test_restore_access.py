@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 from kybernate.cli.checkpoint import checkpoint_share_main
-from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET, ANNOTATION_RESTORE_FROM
 
 from tests.support.agent import AgentProcess, running_agent, temporary_workdir
-from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
-from tests.support.images import BUSYBOX_IMAGE_REF, import_image
+from tests.support.containerd import Containerd
+from tests.support.counters import checkpoint, container_names, run
+from tests.support.images import import_image
 from tests.support.tasks import private_containerd, remove_container
 
 pytestmark = pytest.mark.integration
@@ -74,52 +74,8 @@ def other(ctd: Containerd, busybox_archive: Path) -> Iterator[Containerd]:
 
 @pytest.fixture
 def names(ctd: Containerd, other: Containerd) -> Iterator[Callable[[str], str]]:
-    made: list[str] = []
-
-    def make(prefix: str) -> str:
-        made.append(f"kyb-{prefix}-{uuid.uuid4().hex[:6]}")
-        return made[-1]
-
-    yield make
-    for container_id in made:
-        remove_container(ctd, container_id)
-        remove_container(other, container_id)
-
-
-def run(ctd: Containerd, agent: AgentProcess, container_id: str, *, restore_from: str = "",
-        check: bool = True) -> str:
-    """`ctr run -d` under Kybernate; its stderr (empty when it worked)."""
-    args = ["run", "--runtime", KYBERNATE_RUNTIME, "-d", "--annotation", f"{ANNOTATION_AGENT_SOCKET}={agent.socket}"]
-    if restore_from:
-        args += ["--annotation", f"{ANNOTATION_RESTORE_FROM}={restore_from}"]
-    result = ctd.ctr(*args, BUSYBOX_IMAGE_REF, container_id, "sh", "-c",
-                     "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done", timeout=120)
-    if check:
-        assert result.returncode == 0, result.stderr
-        ctd.wait_task_status(container_id, "RUNNING")
-    return result.stderr
-
-
-def checkpoint(ctd: Containerd, agent: AgentProcess, container_id: str) -> dict[str, str]:
-    """`ctr task checkpoint` through the agent; the registry's record of it."""
-    result = ctd.ctr("task", "checkpoint", container_id, timeout=120)
-    assert result.returncode == 0, result.stderr + agent.log()[-2000:]
-    if result.stdout.strip():
-        ctd.ctr("images", "rm", result.stdout.strip().splitlines()[-1], timeout=30)
-    listing = [json.loads(line) for line in _cli(agent, "list", "--json").splitlines()]
-    mine = [r for r in listing if r["container_id"] == container_id and r["state"] == "committed"]
-    assert len(mine) == 1, listing
-    return mine[0]
-
-
-def _cli(agent: AgentProcess, *args: str) -> str:
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "kybernate", "checkpoint", *args, "--socket", str(agent.socket)],
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    with container_names(ctd, other) as make:
+        yield make
 
 
 def assert_refused(ctd: Containerd, agent: AgentProcess, container_id: str, restore_from: str,
