@@ -177,6 +177,14 @@ def test_gc_keeps_the_newest_and_holds_the_local_budget(workdir: Path, ctd: Cont
         assert rows[newest["id"]]["local_path"]
         # Applied again, nothing more goes.
         assert json.loads(cli(agent, "gc", "--json").stdout).get("collected", []) == []
+
+        # In the background: keep one, every 0.3 s; the middle one goes on its own.
+        agent.stop()
+        agent.write_config(extra_toml=s3_toml(s3, bucket)
+                           + "[retention]\nkeep_per_container = 1\ninterval_s = 0.3\n")
+        agent.start()
+        wait_until(lambda: middle["id"] not in records(agent), "the background run of the policy")
+        assert newest["id"] in records(agent) and remote_keys(s3, bucket, middle["id"]) == []
     finally:
         agent.stop()
 
@@ -184,7 +192,8 @@ def test_gc_keeps_the_newest_and_holds_the_local_budget(workdir: Path, ctd: Cont
 def test_metrics_scraped_during_a_checkpoint(workdir: Path, ctd: Containerd, names: Callable[[str], str]) -> None:
     port = free_port()
     agent = AgentProcess.in_dir(workdir, f"metrics-{uuid.uuid4().hex[:6]}", hold_after_phase={"dumped": 3.0},
-                                extra_toml=f"[metrics]\nport = {port}\noccupancy_interval_s = 0.2\n")
+                                extra_toml=f"[metrics]\nport = {port}\noccupancy_interval_s = 0.2\n"
+                                           '[log]\nformat = "json"\n')
     agent.start()
     try:
         source = names("metrics")
@@ -220,6 +229,10 @@ def test_metrics_scraped_during_a_checkpoint(workdir: Path, ctd: Containerd, nam
         assert after[("kybernate_dirty_checkpoints", ())] == 0
         assert ("kybernate_upload_retries_total", ()) in after
         assert ("kybernate_restores_total", (("result", "ok"), ("step", "prepare"))) not in after
+        # Asked for JSON logs: every line the agent wrote is one JSON object.
+        lines = [json.loads(text) for text in agent.log().splitlines() if text.strip()]
+        assert any(entry["logger"] == "kybernate.agent.daemon" and "serving" in entry["message"] for entry in lines)
+        assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in lines)
     finally:
         agent.stop()
 
