@@ -100,7 +100,12 @@ class OciTier:
             naming.kubernetes_namespace(owner.pod_namespace)
         manifest, digest = await asyncio.to_thread(client.get_manifest, reference)
         layer = oci_image.checkpoint_layer(manifest, reference)
-        name = naming.checkpoint_name(name or f"oci-{digest.removeprefix('sha256:')[:16]}")
+        # Names are unique per containerd namespace: pods of two Kubernetes namespaces
+        # that restore one image each get their own copy.
+        derived = f"oci-{digest.removeprefix('sha256:')[:16]}"
+        if owner.pod_namespace:
+            derived += f"-{owner.pod_namespace}"
+        name = naming.checkpoint_name(name or derived)
         async with self._importing:  # one import at a time: two restores of one image share it
             existing = await self._reusable(owner, name, digest)
             if existing is not None:

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -348,8 +349,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
 
 def _restore_user(request: agent_pb2.PrepareRestoreRequest | agent_pb2.CompleteRestoreRequest) -> str:
-    """Who holds a checkpoint during a restore: the restoring container."""
-    return f"restore of container {request.container_id or '(unnamed)'}"
+    """Who holds a checkpoint during a restore: the restoring container (a client that
+    names none gets a hold of its own, which only its timeout ends)."""
+    return f"restore of container {request.container_id or uuid.uuid4().hex}"
 
 
 def _party(namespace: str, pod_namespace: str, what: str) -> Party:
