@@ -15,6 +15,9 @@ Example (every key optional):
     [checkpoint]
     open_tcp = false            # default when a request leaves it unset
     leave_running = true        # default when a request leaves `exit` unset
+    rootfs_diff = true          # default when a request leaves it unset: save the writable
+                                # layer of an overlay root (processes with open files in it
+                                # restore only with it)
     memory_budget_bytes = 0     # host memory that dumps may hold at once; 0: total RAM
     min_free_bytes = 1073741824 # refuse a checkpoint leaving less free disk
 
@@ -131,6 +134,7 @@ class AgentConfig:
     gpu_lock_timeout_ms: int = 10_000
     default_open_tcp: bool = False
     default_leave_running: bool = True
+    default_rootfs_diff: bool = True
     memory_budget_bytes: int = 0
     min_free_bytes: int = 1 << 30
     s3: S3Config | None = None
@@ -257,6 +261,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> AgentConfig:
         fields["default_open_tcp"] = open_tcp
     if (leave := _typed(ckpt, "leave_running", bool, "[checkpoint] ")) is not None:
         fields["default_leave_running"] = leave
+    if (rootfs_diff := _typed(ckpt, "rootfs_diff", bool, "[checkpoint] ")) is not None:
+        fields["default_rootfs_diff"] = rootfs_diff
     for key in ("memory_budget_bytes", "min_free_bytes"):
         if (value := _typed(ckpt, key, int, "[checkpoint] ")) is not None:
             fields[key] = value

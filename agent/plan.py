@@ -6,6 +6,7 @@ disk for what the dump will write."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,8 @@ from kybernate.errors import (
 )
 from kybernate.protos import agent_pb2
 from kybernate.runtime.cgroups import Cgroup
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +87,28 @@ def check_disk(local: LocalTier, config: AgentConfig, needed: int, container_id:
             f" about {needed} and {config.min_free_bytes} must stay free")
 
 
+def _writable_layer(request: agent_pb2.CheckpointRequest, config: AgentConfig, pid: int) -> Path | None:
+    """The overlay upperdir to save beside the images, or None.
+
+    Saved by default: a process with a file of its writable layer open restores only
+    where that file exists again (CRIU: "Can't open file ... on restore"). Asked for
+    explicitly, a root that is not an overlay is refused; by default it is dumped
+    without a writable layer (a bind-mounted root has nothing to save)."""
+    options = request.options
+    asked = options.HasField("rootfs_diff")
+    if not (options.rootfs_diff if asked else config.default_rootfs_diff):
+        return None
+    upperdir = writable_layer.overlay_upperdir(pid)
+    if upperdir is not None and upperdir.is_dir():
+        return upperdir
+    if asked:
+        raise FailedPrecondition(
+            f"checkpoint of {request.container_id}: rootfs_diff asked, but its root is not an overlay mount")
+    log.info("checkpoint of %s: its root is not an overlay mount; no writable layer to save",
+             request.container_id)
+    return None
+
+
 def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, local: LocalTier) -> CheckpointPlan:
     """Validate a request without touching the container (phase `accepted`)."""
     if not request.container_id:
@@ -112,12 +137,7 @@ def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, l
     name = naming.checkpoint_name(request.name or f"{request.container_id}-{checkpoint_id}")
 
     options = request.options
-    upperdir = None
-    if options.rootfs_diff:
-        upperdir = writable_layer.overlay_upperdir(pid)
-        if upperdir is None or not upperdir.is_dir():
-            raise FailedPrecondition(
-                f"checkpoint of {request.container_id}: rootfs_diff asked, but its root is not an overlay mount")
+    upperdir = _writable_layer(request, config, pid)
 
     memory = _container_rss(pid)
     local.prepare()

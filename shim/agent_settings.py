@@ -11,7 +11,7 @@ CRI, a containerd config's runtime annotations):
 | `io.kybernate.checkpoint.leave-running` | keep the container running after the dump |
 | `io.kybernate.checkpoint.exit` | stop the container after the dump (the opposite) |
 | `io.kybernate.checkpoint.gpu-lock-timeout-ms` | how long CUDA locking may take |
-| `io.kybernate.checkpoint.rootfs-diff` | save the writable layer beside the images |
+| `io.kybernate.checkpoint.rootfs-diff` | save the writable layer beside the images (default: the agent's, on; `false` opts out) |
 | `io.kybernate.checkpoint.deadline-ms` | deadline of the whole pipeline |
 | `io.kybernate.restore-from` | create restores this checkpoint (directory or registry name) |
 
@@ -73,7 +73,8 @@ class ContainerCheckpointSettings:
     tcp_established: bool | None = None
     exit: bool | None = None
     gpu_lock_timeout_ms: int = 0
-    rootfs_diff: bool = False
+    #: None: the agent's default (the writable layer of an overlay root is saved).
+    rootfs_diff: bool | None = None
     deadline_ms: int = 0
 
 
@@ -123,7 +124,7 @@ def checkpoint_settings(spec: Mapping[str, Any]) -> ContainerCheckpointSettings:
         exit=exit_,
         gpu_lock_timeout_ms=(_millis(key("gpu-lock-timeout-ms"), found["gpu-lock-timeout-ms"])
                              if "gpu-lock-timeout-ms" in found else 0),
-        rootfs_diff=_bool(key("rootfs-diff"), found["rootfs-diff"]) if "rootfs-diff" in found else False,
+        rootfs_diff=_bool(key("rootfs-diff"), found["rootfs-diff"]) if "rootfs-diff" in found else None,
         deadline_ms=_millis(key("deadline-ms"), found["deadline-ms"]) if "deadline-ms" in found else 0,
     )
 
@@ -140,8 +141,10 @@ def agent_checkpoint_options(settings: ContainerCheckpointSettings,
 
     options = agent_pb2.CheckpointOptions(
         external_unix_sockets=request.external_unix_sockets, terminal=request.terminal,
-        file_locks=request.file_locks, rootfs_diff=settings.rootfs_diff,
+        file_locks=request.file_locks,
         gpu_lock_timeout_ms=settings.gpu_lock_timeout_ms, deadline_ms=settings.deadline_ms)
+    if settings.rootfs_diff is not None:
+        options.rootfs_diff = settings.rootfs_diff
     if request.exit:
         options.exit = True
     elif settings.exit is not None:

@@ -565,3 +565,48 @@ def _has_token(pid: int, token: str) -> bool:
         return f"KYBERNATE_FAKE_CUDA={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return False
+
+
+def test_open_file_of_the_writable_layer_restores_by_name_without_annotation(
+        containerd: AgentContainerd, agent: AgentProcess, names: Callable[[str], str]) -> None:
+    """The writable layer is part of every checkpoint of an overlay root: a shell that
+    holds a file of it open (fd 3 on /tmp/held) restores into a fresh container by name,
+    with no rootfs-diff annotation. Without the layer CRIU fails: "Can't open file
+    tmp/held on restore"."""
+    container_id, restored_id = names("held"), names("held-restored")
+    containerd.run(container_id, "sh", "-c",
+                   "exec 3>>/tmp/held; i=0; while true; do i=$((i+1)); echo $i >&3; "
+                   "echo $i > /tmp/count; sleep 0.1; done")
+    _wait(f"{container_id} to count", lambda: _count(containerd, container_id) >= 10)
+    result = containerd.ctr("task", "checkpoint", container_id, timeout=120)
+    assert result.returncode == 0, _fail_with_logs(containerd, agent, "task checkpoint", result)
+    containerd.ctr("images", "rm", "--sync", result.stdout.strip().splitlines()[-1])
+    images = _checkpoint_of(agent, container_id)
+    metadata = json.loads((images / "metadata.json").read_text())
+    assert metadata["options"]["rootfs_diff"] is True and "rootfs-diff.tar" in metadata["files"]
+    count_before = _count(containerd, container_id)
+    _remove(containerd, container_id)
+
+    containerd.run(restored_id, "sh", "-c", "exit 99",
+                   options=("--annotation", f"io.kybernate.restore-from={metadata['name']}"))
+    assert containerd.task_status(restored_id) == "RUNNING", agent.log()[-3000:]
+    _wait(f"{restored_id} to count on", lambda: _count(containerd, restored_id) > count_before + 3)
+    # The held file grew on from the checkpointed layer: its first lines are the old ones.
+    held = _read(containerd, restored_id, "held").split()
+    assert held[:3] == ["1", "2", "3"] and int(held[-1]) > count_before
+    _remove(containerd, restored_id)
+
+
+def test_writable_layer_opt_out_by_annotation(
+        containerd: AgentContainerd, agent: AgentProcess, names: Callable[[str], str]) -> None:
+    """`io.kybernate.checkpoint.rootfs-diff=false`: the checkpoint holds no writable layer."""
+    container_id = names("no-diff")
+    containerd.run(container_id, "sh", "-c", "echo x > /tmp/x; sleep 600",
+                   options=("--annotation", "io.kybernate.checkpoint.rootfs-diff=false"))
+    _wait(f"{container_id} to write", lambda: _read(containerd, container_id, "x") == "x")
+    result = containerd.ctr("task", "checkpoint", container_id, timeout=120)
+    assert result.returncode == 0, _fail_with_logs(containerd, agent, "task checkpoint", result)
+    containerd.ctr("images", "rm", "--sync", result.stdout.strip().splitlines()[-1])
+    metadata = json.loads((_checkpoint_of(agent, container_id) / "metadata.json").read_text())
+    assert metadata["options"]["rootfs_diff"] is False and "rootfs-diff.tar" not in metadata["files"]
+    _remove(containerd, container_id)
