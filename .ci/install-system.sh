@@ -25,6 +25,9 @@ UPSTREAM_CRI="golang-k8s-cri-api-dev/sid"
 # An OCI registry (distribution 2.8) for the checkpoint-image tests: unpacked, so that
 # no system service starts; each test session runs it on loopback with its own config.
 REGISTRY=$PREFIX/docker-registry     # usr/bin/docker-registry
+# Debian's CNI plugins, unpacked (never installed) for the CRI tests' pods with their
+# own network namespace (bridge, host-local, loopback).
+CNI=$PREFIX/cni                      # usr/lib/cni/{bridge,host-local,loopback}
 
 criu_ok() { command -v criu >/dev/null && criu --version 2>/dev/null | grep -qE 'Version: 4\.([2-9]|[1-9][0-9])'; }
 # sid moves on and drops superseded versions: accept any 2.x from 2.1 on, as for criu.
@@ -51,7 +54,8 @@ have_unpacked() {
     && unpacked_ok "$UPSTREAM/containerd-2" $UPSTREAM_2 \
     && unpacked_ok "$UPSTREAM/common" $UPSTREAM_COMMON \
     && unpacked_ok "$UPSTREAM/cri-api" $UPSTREAM_CRI \
-    && unpacked_ok "$REGISTRY" docker-registry/bookworm
+    && unpacked_ok "$REGISTRY" docker-registry/bookworm \
+    && unpacked_ok "$CNI" containernetworking-plugins/trixie
 }
 
 # unpack DIR PKG/SUITE...: `apt-get download` the packages and `dpkg -x` them into DIR,
@@ -114,6 +118,7 @@ unpack "$UPSTREAM/containerd-2" $UPSTREAM_2
 unpack "$UPSTREAM/common" $UPSTREAM_COMMON
 unpack "$UPSTREAM/cri-api" $UPSTREAM_CRI
 unpack "$REGISTRY" docker-registry/bookworm
+unpack "$CNI" containernetworking-plugins/trixie
 criu --version
 criu_ok || { echo "install-system: criu is older than 4.2" >&2; exit 1; }
 containerd --version

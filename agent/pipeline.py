@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from kybernate.agent import commit, writable_layer
+from kybernate.agent import commit, work_path, writable_layer
 from kybernate.agent.config import AgentConfig
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.limits import CheckpointLimits
@@ -268,7 +268,11 @@ class CheckpointPipeline:
         # whether the dump finished (`commit.recoverable_metadata`).
         await asyncio.to_thread(commit.write_draft, self._staging, self._metadata(), commit.DRAFT_DUMPING,
                                 work_dir=self._work_dir)
-        await self._deps.criu.dump(options)
+        try:
+            await self._deps.criu.dump(options)
+        finally:  # the log of a failed dump is what its client looks for first
+            if plan.client_work_path is not None:
+                await asyncio.to_thread(work_path.hand_over, self._work_dir, plan.client_work_path)
         if plan.exit:
             self._advance(ContainerCondition.EXITED)
         await asyncio.to_thread(commit.write_draft, self._staging, self._metadata(), commit.DRAFT_COMPLETE,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from kybernate.agent import naming, writable_layer
+from kybernate.agent import naming, work_path, writable_layer
 from kybernate.agent.config import AgentConfig
 from kybernate.agent.local_tier import LocalTier
 from kybernate.errors import (
@@ -53,6 +53,8 @@ class CheckpointPlan:
     image_ref: str
     labels: Mapping[str, str]
     memory_estimate: int
+    #: Where CRIU's dump.log and stats-dump go besides (the client's work path).
+    client_work_path: Path | None = None
 
     def options_record(self) -> dict[str, Any]:
         return {
@@ -128,6 +130,7 @@ def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, l
         probe = destination if destination.exists() else destination.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
             raise FailedPrecondition(f"checkpoint destination {destination} is not writable")
+    client_work_path = work_path.client_work_path(request.work_path, request.container_id)
     if request.namespace:
         naming.containerd_namespace(request.namespace)
     if request.pod_namespace:
@@ -146,7 +149,7 @@ def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, l
     return CheckpointPlan(
         checkpoint_id=checkpoint_id, name=name, container_id=request.container_id,
         namespace=request.namespace, pod_namespace=request.pod_namespace, bundle=bundle, runc_root=request.runc_root, init_pid=pid,
-        destination=destination,
+        destination=destination, client_work_path=client_work_path,
         exit=options.exit if options.HasField("exit") else not config.default_leave_running,
         open_tcp=options.open_tcp if options.HasField("open_tcp") else config.default_open_tcp,
         external_unix_sockets=options.external_unix_sockets, terminal=options.terminal,

@@ -64,7 +64,7 @@ class CheckpointOptions(_message.Message):
     def __init__(self, exit: _Optional[bool] = ..., open_tcp: _Optional[bool] = ..., external_unix_sockets: _Optional[bool] = ..., terminal: _Optional[bool] = ..., file_locks: _Optional[bool] = ..., rootfs_diff: _Optional[bool] = ..., gpu_lock_timeout_ms: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("container_id", "namespace", "bundle", "runc_root", "init_pid", "destination", "name", "options", "image_ref", "labels", "pod_namespace")
+    __slots__ = ("container_id", "namespace", "bundle", "runc_root", "init_pid", "destination", "name", "options", "image_ref", "labels", "pod_namespace", "work_path")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class CheckpointRequest(_message.Message):
     IMAGE_REF_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WORK_PATH_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     namespace: str
     bundle: str
@@ -94,7 +95,8 @@ class CheckpointRequest(_message.Message):
     image_ref: str
     labels: _containers.ScalarMap[str, str]
     pod_namespace: str
-    def __init__(self, container_id: _Optional[str] = ..., namespace: _Optional[str] = ..., bundle: _Optional[str] = ..., runc_root: _Optional[str] = ..., init_pid: _Optional[int] = ..., destination: _Optional[str] = ..., name: _Optional[str] = ..., options: _Optional[_Union[CheckpointOptions, _Mapping]] = ..., image_ref: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pod_namespace: _Optional[str] = ...) -> None: ...
+    work_path: str
+    def __init__(self, container_id: _Optional[str] = ..., namespace: _Optional[str] = ..., bundle: _Optional[str] = ..., runc_root: _Optional[str] = ..., init_pid: _Optional[int] = ..., destination: _Optional[str] = ..., name: _Optional[str] = ..., options: _Optional[_Union[CheckpointOptions, _Mapping]] = ..., image_ref: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pod_namespace: _Optional[str] = ..., work_path: _Optional[str] = ...) -> None: ...
 
 class CheckpointProgress(_message.Message):
     __slots__ = ("phase", "checkpoint_id", "local_path", "elapsed_ms", "error_code", "error_message", "container_state", "cuda_pids")

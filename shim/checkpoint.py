@@ -49,6 +49,7 @@ from kybernate.shim.agent_settings import (
     checkpoint_settings,
     spec_annotations,
 )
+from kybernate.shim.cri_checkpoint import cri_checkpoint_dir
 
 if TYPE_CHECKING:
     from kybernate.protos import agent_pb2
@@ -114,7 +115,10 @@ class AgentCheckpointer:
             destination=options.image_path or path,
             options=agent_checkpoint_options(checkpoint_settings(container.spec), options),
             image_ref=image_ref, labels={"containerd.namespace": container.namespace},
-            pod_namespace=annotations.get(POD_NAMESPACE_ANNOTATION, ""))
+            pod_namespace=annotations.get(POD_NAMESPACE_ANNOTATION, ""),
+            # runc's shim hands CRIU this as its work directory; containerd 2.x's CRI
+            # names it only to runc's runtime, so the shim finds CRI's own.
+            work_path=options.work_path or str(cri_checkpoint_dir(container.spec, container.id) or ""))
 
     async def checkpoint(self, container: Container, path: str,
                          options: CheckpointRequestOptions) -> None:
