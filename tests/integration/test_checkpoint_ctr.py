@@ -30,6 +30,7 @@ from tests.support.agent import AgentProcess, running_agent, temporary_workdir
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
 from tests.support.events import CtrEvents
 from tests.support.images import build_oci_archive, import_image
+from tests.support.waiting import wait_for as _wait
 from tests.support.workloads import memhold_files
 
 pytestmark = pytest.mark.integration
@@ -147,14 +148,6 @@ def _memhold_rounds(containerd: AgentContainerd, container_id: str) -> int:
     status = _read(containerd, container_id, "memhold").split()
     assert not status or status[0] != "BAD", f"memhold found corrupted memory: {status}"
     return int(status[1]) if len(status) == 3 and status[0] == "ok" else 0
-
-
-def _wait(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _wait_running_workload(containerd: AgentContainerd, container_id: str, *, count: int = 10,

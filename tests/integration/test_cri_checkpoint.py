@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import subprocess
 import tarfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,6 +20,7 @@ import pytest
 from tests.support.agent import AgentProcess, running_agent
 from tests.support.containerd import default_release
 from tests.support.cri import KYBERNATE_HANDLER, RUNC_HANDLER, CriSandbox, cri_sandbox, exec_sync
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -55,14 +55,6 @@ def pods(cri: CriSandbox) -> Iterator[list[str]]:
             cri.remove_pod(sandbox_id)
 
 
-def _wait(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def count_of(cri: CriSandbox, container_id: str) -> int:
     result = exec_sync(cri, container_id, ["cat", "/tmp/count"])
     text = result.stdout.decode().strip()
@@ -77,7 +69,7 @@ def run_counter(cri: CriSandbox, pods: list[str], agent: AgentProcess, handler: 
                                                **(annotations or {})})
     pods.append(sandbox_id)
     container_id = cri.start_container(sandbox_id, pod, "counter", ["sh", "-c", COUNTER])
-    _wait("the counter", lambda: count_of(cri, container_id) >= 5)
+    wait_for("the counter", lambda: count_of(cri, container_id) >= 5)
     return sandbox_id, container_id
 
 
@@ -116,4 +108,4 @@ def test_kubelet_checkpoint_archive_is_complete(cri: CriSandbox, pods: list[str]
     assert "CRIU dump statistics" in stats and "Pages written" in stats
     # Forensic checkpointing leaves the container running, counting on.
     before = count_of(cri, container_id)
-    _wait("the counter after the checkpoint", lambda: count_of(cri, container_id) > before + 3)
+    wait_for("the counter after the checkpoint", lambda: count_of(cri, container_id) > before + 3)
