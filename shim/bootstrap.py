@@ -8,8 +8,8 @@ as a bare address meaning task API v2. containerd 1.7 refuses any version above 
 match the containerd that runs us.
 
 containerd does not say which it is: 1.7 and 2.1 alike export `MAX_SHIM_VERSION=2`,
-and 2.1 writes the same options Any on stdin as 1.7 (the JSON bootstrap request on
-stdin only comes with later releases). What does tell them apart is containerd's own
+and 2.1 writes the same options Any on stdin as 1.7 (the bootstrap parameters on
+stdin, start_params.py, come with 2.3). What does tell them apart is containerd's own
 binary: `start` runs as its child, and a Go binary names its main package in the
 build information of its `.go.buildinfo` section, under the module path
 `github.com/containerd/containerd/v2/...` from 2.0 on. A binary we cannot read or do

@@ -37,10 +37,11 @@ def go_path_join(*parts: str) -> str:
     return "/" + joined.lstrip("/") if joined.startswith("//") else joined
 
 
-def socket_address(containerd_address: str, namespace: str, group: str) -> str:
-    """The shim socket for a group, exactly as containerd's shim.SocketAddress names it."""
+def socket_address(containerd_address: str, namespace: str, group: str, socket_dir: str = "") -> str:
+    """The shim socket for a group, exactly as containerd's shim.SocketAddress names it
+    (in the directory containerd 2.3's bootstrap parameters name, if they do)."""
     digest = hashlib.sha256(go_path_join(containerd_address, namespace, group).encode()).hexdigest()
-    return f"unix://{SOCKET_DIR}/{digest}"
+    return f"unix://{socket_dir or SOCKET_DIR}/{digest}"
 
 
 def socket_path(address: str) -> str:
@@ -97,7 +98,8 @@ def write_address_file(bundle: str, address: str) -> None:
 
 
 def read_stdin_options() -> bytes:
-    """The create options Any containerd writes on stdin (nothing when it has none)."""
+    """What containerd writes on stdin: the create options Any, or (2.3 and newer) the
+    bootstrap parameters holding them (see start_params.py); b"" when nothing."""
     try:
         if os.isatty(0):
             return b""
@@ -234,7 +236,14 @@ def serve_group(flags: ShimFlags) -> str:
     if not flags.address:
         raise ValueError("-address is required for start")
     bundle = flags.bundle_path
-    address = socket_address(flags.address, flags.namespace, shim_group(bundle, flags.id))
+    stdin = read_stdin_options()
+    params = None
+    if stdin:
+        from kybernate.shim.start_params import parse_start_stdin
+
+        params = parse_start_stdin(stdin, flags.id, flags.namespace)
+    address = socket_address(flags.address, flags.namespace, shim_group(bundle, flags.id),
+                             params.socket_dir if params else "")
     path = socket_path(address)
     try:
         sock = listen_unix(path)
@@ -252,11 +261,10 @@ def serve_group(flags: ShimFlags) -> str:
     try:
         write_address_file(bundle, address)
         shim_cgroup = ""
-        options_bytes = read_stdin_options()
-        if options_bytes:
+        if params is not None and params.options:
             from kybernate.shim.options import decode_create_options_bytes
 
-            shim_cgroup = decode_create_options_bytes(options_bytes).shim_cgroup
+            shim_cgroup = decode_create_options_bytes(params.options).shim_cgroup
         child_pid = launch_server(flags, sock)
         if shim_cgroup:
             move_to_cgroup(child_pid, shim_cgroup)
