@@ -189,7 +189,7 @@ _KNOWN = {
     "": {"socket", "node_name", "state_dir", "local_tier", "cuda", "checkpoint", "s3", "restore", "metrics", "debug",
          "retention", "oci", "log"},
     "cuda": {"backend", "fake_dir", "lock_timeout_ms"},
-    "checkpoint": {"open_tcp", "leave_running", "memory_budget_bytes", "min_free_bytes"},
+    "checkpoint": {"open_tcp", "leave_running", "rootfs_diff", "memory_budget_bytes", "min_free_bytes"},
     "s3": {"endpoint_url", "bucket", "prefix", "region", "access_key_id", "secret_access_key",
            "max_attempts", "backoff_base_s", "backoff_max_s", "promote_interval_s", "retry_mode",
            "request_max_attempts", "part_size_bytes", "max_concurrency"},

@@ -13,7 +13,7 @@ CRI, a containerd config's runtime annotations):
 | `io.kybernate.checkpoint.gpu-lock-timeout-ms` | how long CUDA locking may take |
 | `io.kybernate.checkpoint.rootfs-diff` | save the writable layer beside the images (default: the agent's, on; `false` opts out) |
 | `io.kybernate.checkpoint.deadline-ms` | deadline of the whole pipeline |
-| `io.kybernate.restore-from` | create restores this checkpoint (directory or registry name) |
+| `io.kybernate.restore-from` | create restores this checkpoint (directory or registry name); `.NAME` appended: only the pod's container NAME; never a pod's sandbox |
 
 The agent socket falls back to the environment (`KYBERNATE_AGENT_SOCKET`: containerd
 passes its own environment to shims) and then to /run/kybernate/agent.sock.
@@ -40,6 +40,11 @@ CHECKPOINT_ANNOTATION_PREFIX = "io.kybernate.checkpoint."
 ENV_AGENT_SOCKET = "KYBERNATE_AGENT_SOCKET"
 #: Set by containerd's CRI plugin on every container of a pod: the pod's namespace.
 POD_NAMESPACE_ANNOTATION = "io.kubernetes.cri.sandbox-namespace"
+#: Set by CRI: "sandbox" for the pod's pause container, "container" for the others.
+CRI_CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+CRI_SANDBOX_TYPE = "sandbox"
+#: Set by CRI on a pod's containers: the container's name in the pod spec.
+CRI_CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
@@ -157,5 +162,18 @@ def agent_checkpoint_options(settings: ContainerCheckpointSettings,
 
 
 def restore_from(spec: Mapping[str, Any]) -> str:
-    """The `io.kybernate.restore-from` annotation ("" when absent)."""
-    return spec_annotations(spec).get(ANNOTATION_RESTORE_FROM, "").strip()
+    """What this container restores from ("" when nothing): the annotation
+    `io.kybernate.restore-from.<container name>`, else `io.kybernate.restore-from`.
+
+    Through CRI a pod's annotations reach every container of the pod, its sandbox
+    (pause) included: the sandbox never restores, and in a pod of several containers
+    the per-container form says which one does."""
+    annotations = spec_annotations(spec)
+    if annotations.get(CRI_CONTAINER_TYPE_ANNOTATION) == CRI_SANDBOX_TYPE:
+        return ""
+    name = annotations.get(CRI_CONTAINER_NAME_ANNOTATION, "")
+    if name:
+        specific = annotations.get(f"{ANNOTATION_RESTORE_FROM}.{name}", "").strip()
+        if specific:
+            return specific
+    return annotations.get(ANNOTATION_RESTORE_FROM, "").strip()

@@ -108,3 +108,10 @@ def test_s3_transfer_and_retry_settings() -> None:
 def test_bad_s3_settings_are_refused(s3: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         config_from_mapping({"s3": {"bucket": "b", **s3}})
+
+
+def test_writable_layer_default_is_on_and_configurable() -> None:
+    from kybernate.agent.config import config_from_mapping
+
+    assert config_from_mapping({}).default_rootfs_diff is True
+    assert config_from_mapping({"checkpoint": {"rootfs_diff": False}}).default_rootfs_diff is False

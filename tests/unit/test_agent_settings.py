@@ -82,3 +82,13 @@ def test_request_options_win_then_annotations_then_agent_defaults() -> None:
 def test_restore_from_annotation() -> None:
     assert restore_from(_spec(**{"io.kybernate.restore-from": " golden-llama "})) == "golden-llama"
     assert restore_from({}) == ""
+
+
+def test_restore_from_through_cri_skips_the_sandbox_and_names_containers() -> None:
+    pod = {"io.kybernate.restore-from": "golden", "io.kubernetes.cri.sandbox-namespace": "team"}
+    assert restore_from(_spec(**pod, **{"io.kubernetes.cri.container-type": "sandbox"})) == ""
+    assert restore_from(_spec(**pod, **{"io.kubernetes.cri.container-type": "container",
+                                        "io.kubernetes.cri.container-name": "server"})) == "golden"
+    named = {**pod, "io.kybernate.restore-from.server": "golden-server"}
+    assert restore_from(_spec(**named, **{"io.kubernetes.cri.container-name": "server"})) == "golden-server"
+    assert restore_from(_spec(**named, **{"io.kubernetes.cri.container-name": "sidecar"})) == "golden"
