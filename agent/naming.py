@@ -69,6 +69,13 @@ def containerd_namespace(value: str) -> str:
     return value
 
 
+def container_id(value: str) -> str:
+    """A containerd container id (containerd's identifier rule, as namespaces)."""
+    if len(value) > CONTAINERD_NAMESPACE_MAX or not _CONTAINERD_NAMESPACE.match(value):
+        raise InvalidArgument(f"{value[:80]!r} is not a containerd container id")
+    return value
+
+
 def kubernetes_namespace(value: str) -> str:
     if not _KUBERNETES_NAMESPACE.match(value):
         raise InvalidArgument(f"{value[:80]!r} is not a Kubernetes namespace")

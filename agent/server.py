@@ -28,9 +28,16 @@ from kybernate.agent.plan import plan_checkpoint
 from kybernate.agent.progress import ProgressChannel
 from kybernate.agent.registry import CheckpointRow, CheckpointState
 from kybernate.agent.remote import RemoteTier
+from kybernate.agent.reservations import Reservations
 from kybernate.agent.restore import RestorePreparer, complete_restore, metadata_json
 from kybernate.agent.transfer import Snapshot, TransferMeter
-from kybernate.errors import FailedPrecondition, InvalidArgument, KybernateError
+from kybernate.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    KybernateError,
+    NotFound,
+)
 from kybernate.protos import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self._oci = oci
         self._inuse = inuse
         self._pipelines: set[asyncio.Task[None]] = set()
+        self._reservations = Reservations()
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Give the pipelines in flight `grace_s` to finish, then cancel them: each one
@@ -88,6 +96,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     async def Checkpoint(self, request: agent_pb2.CheckpointRequest,
                          context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[agent_pb2.CheckpointProgress]:
+        claimed = "" if request.name else self._reservations.take(request.namespace, request.container_id)
+        if claimed:
+            # A client claimed this checkpoint (kybernate checkpoint create): its name,
+            # and the registry only; containerd's directory stays empty.
+            log.info("checkpoint of %s/%s: claimed as %r", request.namespace, request.container_id, claimed)
+            request.name = claimed
+            request.destination = ""
         try:
             plan = await asyncio.to_thread(plan_checkpoint, request, self._deps.config, self._deps.local)
         except KybernateError as exc:
@@ -209,6 +224,24 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await self._deps.registry.share(row.id, share)
             log.info("checkpoint %s (%s) shared with %s", row.id, row.qualified_name, share)
         return agent_pb2.ShareCheckpointResponse(record=await self._record(row))
+
+    @status_from_errors
+    async def ReserveCheckpoint(self, request: agent_pb2.ReserveCheckpointRequest) -> agent_pb2.ReserveCheckpointResponse:
+        if request.release:
+            self._reservations.release(request.namespace, request.container_id, request.name)
+            return agent_pb2.ReserveCheckpointResponse()
+        # A live checkpoint of that name would make the claimed one fail after its dump.
+        try:
+            existing = await self._deps.registry.find(naming.containerd_namespace(request.namespace),
+                                                      naming.checkpoint_name(request.name))
+        except NotFound:
+            existing = None
+        if existing is not None and existing.state is not CheckpointState.FAILED:
+            raise AlreadyExists(f"namespace {request.namespace!r} has a checkpoint named {request.name!r}"
+                                f" already ({existing.id})")
+        self._reservations.reserve(request.namespace, request.container_id, request.name,
+                                   request.ttl_ms / 1000)
+        return agent_pb2.ReserveCheckpointResponse()
 
     @status_from_errors
     async def Status(self, request: agent_pb2.StatusRequest) -> agent_pb2.StatusResponse:

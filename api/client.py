@@ -173,6 +173,12 @@ class AgentClient:
 
         return await self._unary("ShareCheckpoint", request, timeout, agent_pb2.ShareCheckpointResponse)
 
+    async def reserve_checkpoint(self, request: agent_pb2.ReserveCheckpointRequest, *,
+                                 timeout: float | None = 30.0) -> agent_pb2.ReserveCheckpointResponse:
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("ReserveCheckpoint", request, timeout, agent_pb2.ReserveCheckpointResponse)
+
     async def status(self, *, timeout: float | None = None, probe_tiers: bool = False) -> agent_pb2.StatusResponse:
         from kybernate.protos import agent_pb2
 

@@ -15,6 +15,9 @@ USAGE = """kybernate COMMAND [ARGS]
 
 commands:
   agent [--config FILE] [...]      run the node agent (gRPC on a unix socket)
+  checkpoint create --name N POD_NAMESPACE/POD/CONTAINER|ID
+                                   checkpoint a pod's container through containerd
+                                   into the agent's registry (a golden snapshot)
   checkpoint list [...]            list the checkpoints the agent holds
   checkpoint inspect ID [...]      show one checkpoint's metadata
   checkpoint share ID --with NS    let another namespace restore it (--revoke: no more)
@@ -41,12 +44,14 @@ def _agent(argv: list[str]) -> int:
 def _checkpoint(argv: list[str]) -> int:
     from kybernate.cli import lifecycle as lifecycle_cli
     from kybernate.cli.checkpoint import (
+        checkpoint_create_main,
         checkpoint_inspect_main,
         checkpoint_list_main,
         checkpoint_share_main,
     )
 
     commands: dict[str, Callable[[list[str]], int]] = {
+        "create": checkpoint_create_main,
         "list": checkpoint_list_main,
         "ls": checkpoint_list_main,
         "inspect": checkpoint_inspect_main,

@@ -116,6 +116,13 @@ def checkpoint_share_main(argv: Sequence[str]) -> int:
     return _run_client(run)
 
 
+def checkpoint_create_main(argv: Sequence[str]) -> int:
+    from kybernate.cli.checkpoint_create import create, parse_args
+
+    args = parse_args(argv)
+    return _run_client(lambda: create(args))
+
+
 def _run_client(run: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         return asyncio.run(run())

@@ -403,3 +403,21 @@ class TransferProgress(_message.Message):
     record: CheckpointRecord
     digest: str
     def __init__(self, step: _Optional[str] = ..., done_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., record: _Optional[_Union[CheckpointRecord, _Mapping]] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ReserveCheckpointRequest(_message.Message):
+    __slots__ = ("namespace", "container_id", "name", "ttl_ms", "release")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    container_id: str
+    name: str
+    ttl_ms: int
+    release: bool
+    def __init__(self, namespace: _Optional[str] = ..., container_id: _Optional[str] = ..., name: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., release: _Optional[bool] = ...) -> None: ...
+
+class ReserveCheckpointResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

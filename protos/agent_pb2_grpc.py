@@ -114,6 +114,11 @@ class AgentStub:
                 request_serializer=kybernate_dot_protos_dot_agent__pb2.VerifyCheckpointRequest.SerializeToString,
                 response_deserializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
                 _registered_method=True)
+        self.ReserveCheckpoint = channel.unary_unary(
+                '/kybernate.agent.v1.Agent/ReserveCheckpoint',
+                request_serializer=kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointRequest.SerializeToString,
+                response_deserializer=kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -235,6 +240,16 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveCheckpoint(self, request, context):
+        """Claims the next checkpoint of a container for a client that asks containerd for
+        it (`kybernate checkpoint create`): that checkpoint gets the reserved name and
+        stays in the registry (not exported to containerd's directory). Or, with
+        `release`, drops the claim.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +332,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.VerifyCheckpoint,
                     request_deserializer=kybernate_dot_protos_dot_agent__pb2.VerifyCheckpointRequest.FromString,
                     response_serializer=kybernate_dot_protos_dot_agent__pb2.TransferProgress.SerializeToString,
+            ),
+            'ReserveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveCheckpoint,
+                    request_deserializer=kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointRequest.FromString,
+                    response_serializer=kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -751,6 +771,33 @@ class Agent:
             '/kybernate.agent.v1.Agent/VerifyCheckpoint',
             kybernate_dot_protos_dot_agent__pb2.VerifyCheckpointRequest.SerializeToString,
             kybernate_dot_protos_dot_agent__pb2.TransferProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kybernate.agent.v1.Agent/ReserveCheckpoint',
+            kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointRequest.SerializeToString,
+            kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,8 +30,9 @@ from pathlib import Path
 
 PROTOS_DIR = Path(__file__).resolve().parent
 PACKAGE_PATH = Path("kybernate", "protos")
-# Protos whose services are served with grpcio and so get *_pb2_grpc.py stubs.
-GRPC_PROTOS = frozenset({"agent.proto"})
+# Protos whose services are spoken over grpcio (the node agent; containerd's own API
+# for `kybernate checkpoint create`) and so get *_pb2_grpc.py stubs.
+GRPC_PROTOS = frozenset({"agent.proto", "containerd_containers.proto", "containerd_tasks.proto"})
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 

@@ -154,12 +154,21 @@ class CriSandbox:
         )
 
     def container_config(self, name: str, command: list[str],
-                         image: str = BUSYBOX_IMAGE_REF) -> Any:
+                         image: str = BUSYBOX_IMAGE_REF, pod: Any = None) -> Any:
+        """A container config; with the pod's config, labelled as kubelet labels it
+        (pod namespace, pod name, container name)."""
         api = self.api
+        labels = {} if pod is None else {
+            "io.kubernetes.pod.namespace": pod.metadata.namespace,
+            "io.kubernetes.pod.name": pod.metadata.name,
+            "io.kubernetes.pod.uid": pod.metadata.uid,
+            "io.kubernetes.container.name": name,
+        }
         return api.ContainerConfig(
             metadata=api.ContainerMetadata(name=name),
             image=api.ImageSpec(image=image),
             command=command,
+            labels=labels,
             log_path=f"{name}.log",
             linux=api.LinuxContainerConfig(),
         )
@@ -176,7 +185,7 @@ class CriSandbox:
         """CreateContainer then StartContainer; the container's id."""
         api, client = self.api, self.client
         created = client.call(client.runtime.CreateContainer, api.CreateContainerRequest(
-            pod_sandbox_id=sandbox_id, config=self.container_config(name, command),
+            pod_sandbox_id=sandbox_id, config=self.container_config(name, command, pod=pod),
             sandbox_config=pod))
         client.call(client.runtime.StartContainer,
                     api.StartContainerRequest(container_id=created.container_id))

@@ -30,6 +30,9 @@ from google.protobuf.message import EncodeError, Message
 from kybernate.protos import (
     cgroups_v1_metrics_pb2,
     cgroups_v2_metrics_pb2,
+    containerd_containers_pb2,
+    containerd_tasks_pb2,
+    content_descriptor_pb2,
     criu_rpc_pb2,
     events_pb2,
     events_ttrpc_pb2,
@@ -97,6 +100,9 @@ class Mirror:
     # Types upstream moved unchanged into another file and package:
     # {their full name: ours}. Each is compared with its new upstream definition.
     moved: Mapping[str, str] = field(default_factory=dict)
+    # Ours mirrors only some of upstream's messages and rpcs (a client's part of a
+    # service): those are compared, and only those.
+    subset: bool = False
 
     @property
     def id(self) -> str:
@@ -175,6 +181,11 @@ def containerd_mirrors(source: Upstream) -> tuple[Mirror, ...]:
         Mirror(cgroups_v2_metrics_pb2, source, f"{cgroups}/cgroup2/stats/metrics.proto"),
         Mirror(ttrpc_pb2, source, f"{TTRPC}/request.proto",
                moved={"Status": "google.rpc.Status"}, not_upstream=TTRPC_STATUS_STUB),
+        Mirror(content_descriptor_pb2, source, f"{CONTAINERD}/api/types/descriptor.proto"),
+        Mirror(containerd_containers_pb2, source,
+               f"{CONTAINERD}/api/services/containers/v1/containers.proto", subset=True),
+        Mirror(containerd_tasks_pb2, source, f"{CONTAINERD}/api/services/tasks/v1/tasks.proto",
+               subset=True),
     )
 
 
@@ -617,6 +628,7 @@ def compare_mirror(
     ours: descriptor_pb2.FileDescriptorProto | None = None,
 ) -> list[str]:
     pool = mirror.module.DESCRIPTOR.pool
+    theirs = _trimmed_to(our_file(mirror.module), upstream.file) if mirror.subset else upstream.file
     ours_elsewhere = {}
     for our_name in mirror.moved.values():
         definition = descriptor_pb2.DescriptorProto()
@@ -624,12 +636,35 @@ def compare_mirror(
         ours_elsewhere[our_name] = definition
     return compare_files(
         our_file(mirror.module) if ours is None else ours,
-        upstream.file,
+        theirs,
         mirror.not_upstream if not_upstream is None else not_upstream,
         upstream.imported_messages,
         mirror.moved,
         ours_elsewhere,
     )
+
+
+def _trimmed_to(
+    ours: descriptor_pb2.FileDescriptorProto, theirs: descriptor_pb2.FileDescriptorProto
+) -> descriptor_pb2.FileDescriptorProto:
+    """Upstream's file with only the top-level messages, enums, services and rpcs ours
+    defines (by name): what a subset mirror is compared with."""
+    trimmed = descriptor_pb2.FileDescriptorProto()
+    trimmed.CopyFrom(theirs)
+    for kind in ("message_type", "enum_type"):
+        wanted = {item.name for item in getattr(ours, kind)}
+        kept = [item for item in getattr(theirs, kind) if item.name in wanted]
+        trimmed.ClearField(kind)
+        getattr(trimmed, kind).extend(kept)
+    our_methods = {service.name: {m.name for m in service.method} for service in ours.service}
+    trimmed.ClearField("service")
+    for service in theirs.service:
+        if service.name in our_methods:
+            copy = trimmed.service.add()
+            copy.CopyFrom(service)
+            copy.ClearField("method")
+            copy.method.extend(m for m in service.method if m.name in our_methods[service.name])
+    return trimmed
 
 
 @pytest.mark.parametrize("mirror", MIRRORS, ids=lambda m: m.id)
