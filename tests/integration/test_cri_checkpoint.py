@@ -8,6 +8,7 @@ kubelet's checkpoint API (CRI CheckpointContainer) writes an archive that
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -26,8 +27,11 @@ from tests.support.cri import (
     POD_NAMESPACE,
     RUNC_HANDLER,
     CriSandbox,
+    PodNetwork,
     cri_sandbox,
+    enable_pod_network,
     exec_sync,
+    network_namespaces,
 )
 from tests.support.waiting import wait_for
 
@@ -52,6 +56,20 @@ def cri(busybox_archive: Path) -> Iterator[CriSandbox]:
         yield sandbox
         left = sandbox.leftovers()
     assert left == [], f"the CRI checkpoint tests left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def pod_network(cri: CriSandbox) -> Iterator[PodNetwork]:
+    """Pods of their own network namespaces, for the tests that need them."""
+    netns_before = network_namespaces()
+    network = enable_pod_network(cri)
+    try:
+        yield network
+    finally:
+        for pod in cri.pods():
+            cri.remove_pod(pod.id)
+        network.remove()
+    assert network_namespaces() - netns_before == set(), "pods left their network namespaces"
 
 
 @pytest.fixture
@@ -135,10 +153,11 @@ def golden_snapshot(cri: CriSandbox, agent: AgentProcess, target: str, name: str
 
 
 def start_restored(cri: CriSandbox, pods: list[str], agent: AgentProcess, checkpoint: str,
-                   name: str = "restored") -> tuple[str, str]:
+                   name: str = "restored", own_network: bool = False) -> tuple[str, str]:
     """A new pod whose container restores CHECKPOINT by annotation; (sandbox, container)."""
     sandbox_id, pod = cri.run_pod(f"{name}-{uuid.uuid4().hex[:6]}", KYBERNATE_HANDLER, annotations={
-        "io.kybernate.agent-socket": str(agent.socket), "io.kybernate.restore-from": checkpoint})
+        "io.kybernate.agent-socket": str(agent.socket), "io.kybernate.restore-from": checkpoint},
+        own_network=own_network)
     pods.append(sandbox_id)
     # The command is the image's business only on a cold start: a restore ignores it.
     return sandbox_id, cri.start_container(sandbox_id, pod, "counter", ["sh", "-c", "exit 99"])
@@ -175,3 +194,73 @@ def test_checkpoint_create_refuses_what_it_cannot_name(cri: CriSandbox, agent: A
         result = kybernate_command("checkpoint", "create", "--name", "x", "--address", cri.containerd.address,
                                    "--socket", str(agent.socket), target)
         assert result.returncode == 1 and why in result.stderr, result.stderr
+
+
+#: A warmed-up server: a counter in a shell variable (memory only), and busybox httpd
+#: listening on port 8080 in the pod's own network namespace, serving the count.
+SERVER = ("mkdir -p /www; httpd -f -p 8080 -h /www & i=0; while true; do i=$((i+1)); "
+          "echo $i > /www/count; echo $i > /tmp/count; sleep 0.1; done")
+CLONES = 5
+
+
+def served_count(cri: CriSandbox, container_id: str) -> int:
+    """What the container's own server answers on 127.0.0.1:8080 of its network namespace."""
+    result = exec_sync(cri, container_id, ["wget", "-q", "-O", "-", "http://127.0.0.1:8080/count"])
+    text = result.stdout.decode().strip()
+    return int(text) if result.exit_code == 0 and text.isdigit() else -1
+
+
+def host_pids(cri: CriSandbox, container_id: str) -> set[int]:
+    """Host pids of the container's processes (its init and the init's children)."""
+    response = cri.client.call(cri.client.runtime.ContainerStatus, cri.api.ContainerStatusRequest(
+        container_id=container_id, verbose=True))
+    init = json.loads(response.info["info"])["pid"]
+    children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    return {init, *map(int, children)}
+
+
+def test_five_pods_restored_at_once_from_one_golden_snapshot(
+        cri: CriSandbox, pods: list[str], agent: AgentProcess, pod_network: PodNetwork) -> None:
+    """Fast clone: a server with a listening port and in-memory state, snapshotted once,
+    restored into five pods concurrently. Every clone runs and goes on from the
+    snapshot's count; each has its own processes, its own files and its own port 8080
+    in its own network namespace, so none disturbs another."""
+    sandbox_id, pod = cri.run_pod(f"server-{uuid.uuid4().hex[:6]}", KYBERNATE_HANDLER, annotations={
+        "io.kybernate.agent-socket": str(agent.socket)}, own_network=True)
+    pods.append(sandbox_id)
+    source = cri.start_container(sandbox_id, pod, "counter", ["sh", "-c", SERVER])
+    wait_for("the source server", lambda: served_count(cri, source) >= 10)
+    name = f"golden-server-{uuid.uuid4().hex[:8]}"
+    golden_snapshot(cri, agent, source, name)
+    at_checkpoint = count_of(cri, source)
+    cri.remove_pod(sandbox_id)
+
+    with concurrent.futures.ThreadPoolExecutor(CLONES) as pool:
+        started = list(pool.map(lambda i: start_restored(cri, pods, agent, name, f"clone{i}", own_network=True),
+                                range(CLONES)))
+    clones = [container for _, container in started]
+    for clone in clones:
+        wait_for(f"clone {clone[:12]} to serve on", lambda c=clone: served_count(cri, c) > at_checkpoint)
+    # Each continues from the snapshot's memory, not from 1 (a cold start would count anew).
+    counts = [served_count(cri, clone) for clone in clones]
+    assert all(count > at_checkpoint for count in counts), counts
+    # Processes: five distinct sets on the host, the same pids inside each clone's own
+    # pid namespace (CRIU restored them there).
+    pid_sets = [host_pids(cri, clone) for clone in clones]
+    assert all(a.isdisjoint(b) for i, a in enumerate(pid_sets) for b in pid_sets[i + 1:]), pid_sets
+    inside = {exec_sync(cri, clone, ["sh", "-c", "pidof httpd"]).stdout for clone in clones}
+    assert len(inside) == 1, inside
+    # Files: what one clone writes, no other sees.
+    assert exec_sync(cri, clones[0], ["sh", "-c", "echo mine > /tmp/mark"]).exit_code == 0
+    for clone in clones[1:]:
+        assert exec_sync(cri, clone, ["cat", "/tmp/mark"]).exit_code != 0
+    # Network: five pod addresses in the private subnet, each pod's port its own.
+    addresses = {cri.client.call(cri.client.runtime.PodSandboxStatus, cri.api.PodSandboxStatusRequest(
+        pod_sandbox_id=sandbox)).status.network.ip for sandbox, _ in started}
+    assert len(addresses) == CLONES and all(address.startswith(pod_network.subnet.rsplit(".", 2)[0])
+                                             for address in addresses), addresses
+    # Killing one clone leaves the others serving.
+    cri.remove_pod(started[0][0])
+    for clone in clones[1:]:
+        before = served_count(cri, clone)
+        wait_for(f"clone {clone[:12]} to go on", lambda c=clone, b=before: served_count(cri, c) > b)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -135,21 +137,25 @@ class CriSandbox:
     def api(self) -> ModuleType:
         return self.client.api
 
-    def pod_config(self, name: str, annotations: dict[str, str] | None = None) -> Any:
+    def pod_config(self, name: str, annotations: dict[str, str] | None = None, *,
+                   own_network: bool = False) -> Any:
         """A host-network pod (no CNI needed), without a hostname (which a host-network
-        pod must not set), under the instance's cgroup parent."""
+        pod must not set), under the instance's cgroup parent; with `own_network`, a pod
+        with its own network namespace (CNI: see `enable_pod_network`) and a hostname."""
         api = self.api
         assert self.containerd.cri is not None
         uid = uuid.uuid4().hex
         return api.PodSandboxConfig(
             metadata=api.PodSandboxMetadata(name=name, uid=uid, namespace=POD_NAMESPACE),
+            hostname=name if own_network else "",
             log_directory=str(self.log_dir / uid),
             annotations=annotations or {},
             linux=api.LinuxPodSandboxConfig(
                 cgroup_parent=self.containerd.cri.cgroup_parent,
                 security_context=api.LinuxSandboxSecurityContext(
-                    namespace_options=api.NamespaceOption(network=api.NODE, pid=api.CONTAINER,
-                                                          ipc=api.POD)),
+                    namespace_options=api.NamespaceOption(
+                        network=api.POD if own_network else api.NODE, pid=api.CONTAINER,
+                        ipc=api.POD)),
             ),
         )
 
@@ -174,7 +180,7 @@ class CriSandbox:
         )
 
     def run_pod(self, name: str, handler: str, **config: Any) -> tuple[str, Any]:
-        """RunPodSandbox; (sandbox id, the pod's config)."""
+        """RunPodSandbox of `pod_config(name, **config)`; (sandbox id, the pod's config)."""
         pod = self.pod_config(name, **config)
         response = self.client.call(self.client.runtime.RunPodSandbox,
                                     self.api.RunPodSandboxRequest(config=pod,
@@ -233,6 +239,57 @@ class CriSandbox:
         found += [f"mount {m}" for m in ctd.mounts_under(ctd.state, ctd.root)]
         found += [f"cgroup {c}" for c in pod_cgroups(ctd.cri.cgroup_parent)]
         return found
+
+
+#: Debian's CNI plugins, unpacked by .ci/install-system.sh (never installed).
+CNI_PLUGINS_DIR = Path("/opt/kybernate/cni/usr/lib/cni")
+#: What a pod network of bridge + host-local needs; CRI runs loopback itself.
+CNI_PLUGINS = ("bridge", "host-local", "loopback")
+
+
+@dataclass(frozen=True)
+class PodNetwork:
+    """A private pod network of one CRI containerd: its own bridge and subnet."""
+
+    bridge: str
+    subnet: str
+
+    def remove(self) -> None:
+        """The bridge outlives the pods (CNI DEL removes only their veths)."""
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30, check=False)
+
+
+def enable_pod_network(sandbox: CriSandbox) -> PodNetwork:
+    """Give the instance's pods their own network namespaces: Debian's bridge and
+    host-local CNI plugins (linked into its private CNI bin dir), a bridge and a /24 of
+    its own, no gateway and no masquerading (nothing on the host changes but the
+    bridge, which `PodNetwork.remove` deletes). Waits until CRI reports the network."""
+    ctd = sandbox.containerd
+    for plugin in CNI_PLUGINS:
+        source = CNI_PLUGINS_DIR / plugin
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is missing: run .ci/install-system.sh")
+        (ctd.cni_bin_dir / plugin).symlink_to(source)
+    tag = uuid.uuid4().hex[:8]
+    network = PodNetwork(bridge=f"kyb{tag}", subnet=f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}.0/24")
+    conflist = {
+        "cniVersion": "1.0.0", "name": f"kyb-{tag}",
+        "plugins": [{"type": "bridge", "bridge": network.bridge, "isGateway": False, "ipMasq": False,
+                     "ipam": {"type": "host-local", "ranges": [[{"subnet": network.subnet}]],
+                              "dataDir": str(ctd.base / "cni" / "ipam")}}],
+    }
+    (ctd.cni_conf_dir / "10-kybernate-test.conflist").write_text(json.dumps(conflist))
+    api, client = sandbox.api, sandbox.client
+    deadline = time.monotonic() + 30
+    while True:
+        conditions = {c.type: c.status for c in client.call(client.runtime.Status,
+                                                             api.StatusRequest()).status.conditions}
+        if conditions.get("NetworkReady"):
+            return network
+        if time.monotonic() > deadline:
+            network.remove()
+            raise AssertionError(f"CRI network not ready with {conflist}: {conditions}")
+        time.sleep(0.2)
 
 
 def pod_cgroups(cgroup_parent: str) -> list[Path]:
