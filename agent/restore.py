@@ -3,7 +3,8 @@ fit) and after it (CUDA restore and unlock of the restored processes).
 
 Three sources, three levels of trust:
 - containerd's own checkpoint directory (CreateTaskRequest.checkpoint): containerd
-  unpacked it from its content store for a client of that namespace; verified;
+  unpacked it from its content store for a client of that namespace; verified (runc's
+  images, without metadata.json, by `foreign_checkpoint`);
 - a host directory an annotation named: only under the configured roots; verified;
 - a registry checkpoint (id, name, or namespace/name): only one the restoring
   namespace took or was given by a share, checked before a byte of it is read.
@@ -23,6 +24,7 @@ from typing import Any
 from kybernate.agent import access, commit, naming
 from kybernate.agent.access import ConfiguredShare, Party
 from kybernate.agent.fetch import Fetcher
+from kybernate.agent.foreign_checkpoint import verify_foreign
 from kybernate.agent.gpu import GpuControl
 from kybernate.agent.inuse import InUse
 from kybernate.agent.local_tier import LocalTier
@@ -70,6 +72,11 @@ class RestorePreparer:
         read it)."""
         if not directory.is_absolute():
             raise InvalidArgument(f"restore: checkpoint directory {directory} must be absolute")
+        if not (directory / commit.METADATA_FILE).exists():
+            # runc's images (kubelet's forensic checkpoint of a runc pod): only from
+            # containerd, and only once they pass foreign_checkpoint's checks.
+            metadata = await asyncio.to_thread(verify_foreign, directory)
+            return await self._fit(directory, metadata)
         return await self._verified(directory)
 
     async def from_host_directory(self, directory: Path) -> PreparedRestore:

@@ -72,9 +72,7 @@ def prepare_request(source: str, namespace: str, pod_namespace: str) -> agent_pb
     directory = Path(source)
     if not directory.is_dir():
         raise FailedPrecondition(f"restore: checkpoint directory {directory} does not exist")
-    if not (directory / METADATA_FILE).is_file():
-        raise FailedPrecondition(f"restore: {directory} has no {METADATA_FILE}: not a Kybernate checkpoint "
-                                 "(checkpoints made by other tools are not restored)")
+    # Without metadata.json (runc's images) the agent verifies it as a foreign checkpoint.
     request.directory = str(directory)
     return request
 

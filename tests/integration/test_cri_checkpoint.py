@@ -33,6 +33,8 @@ from tests.support.cri import (
     exec_sync,
     network_namespaces,
 )
+from tests.support.images import BUSYBOX_IMAGE_REF
+from tests.support.registry import running_registry
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -264,3 +266,94 @@ def test_five_pods_restored_at_once_from_one_golden_snapshot(
     for clone in clones[1:]:
         before = served_count(cri, clone)
         wait_for(f"clone {clone[:12]} to go on", lambda c=clone, b=before: served_count(cri, c) > b)
+
+
+@pytest.fixture(scope="module")
+def registry_image(cri: CriSandbox) -> Iterator[str]:
+    """The busybox image served by a loopback registry and pulled through CRI: CRI's
+    restore from an archive pulls the checkpoint's base image by its repository digest,
+    which an image imported with ctr does not have."""
+    with running_registry() as registry:
+        reference = f"{registry.host}/kybernate-test/busybox:latest"
+        cri.containerd.ctr("images", "tag", BUSYBOX_IMAGE_REF, reference, check=True)
+        cri.containerd.ctr("images", "push", "--plain-http", reference, timeout=120, check=True)
+        cri.containerd.ctr("images", "rm", reference, check=True)
+        cri.client.call(cri.client.images.PullImage,
+                        cri.api.PullImageRequest(image=cri.api.ImageSpec(image=reference)))
+        yield reference
+
+
+def create_from_image(cri: CriSandbox, sandbox_id: str, pod: object, image: str,
+                      command: list[str]) -> str:
+    api, client = cri.api, cri.client
+    created = client.call(client.runtime.CreateContainer, api.CreateContainerRequest(
+        pod_sandbox_id=sandbox_id, config=cri.container_config("counter", command, image=image, pod=pod),
+        sandbox_config=pod))
+    client.call(client.runtime.StartContainer, api.StartContainerRequest(container_id=created.container_id))
+    return str(created.container_id)
+
+
+def kubelet_checkpoint(cri: CriSandbox, pods: list[str], agent: AgentProcess, handler: str, image: str,
+                       archive: Path) -> int:
+    """A counter pod of `handler` from `image`, checkpointed through CRI into `archive`
+    and removed; the count at the checkpoint."""
+    sandbox_id, pod = cri.run_pod(f"src-{handler}-{uuid.uuid4().hex[:6]}", handler, annotations={
+        "io.kybernate.agent-socket": str(agent.socket)})
+    pods.append(sandbox_id)
+    container_id = create_from_image(cri, sandbox_id, pod, image, ["sh", "-c", COUNTER])
+    wait_for("the counter", lambda: count_of(cri, container_id) >= 5)
+    cri.client.call(cri.client.runtime.CheckpointContainer, cri.api.CheckpointContainerRequest(
+        container_id=container_id, location=str(archive)))
+    at_checkpoint = count_of(cri, container_id)
+    cri.remove_pod(sandbox_id)
+    return at_checkpoint
+
+
+@pytest.mark.containerd2
+@pytest.mark.parametrize("source, target", [(KYBERNATE_HANDLER, KYBERNATE_HANDLER),
+                                            (RUNC_HANDLER, KYBERNATE_HANDLER),
+                                            (KYBERNATE_HANDLER, RUNC_HANDLER)])
+def test_kubelet_archive_restores_through_create_container(
+        cri: CriSandbox, pods: list[str], agent: AgentProcess, registry_image: str, tmp_path: Path,
+        source: str, target: str) -> None:
+    """CRI's restore (containerd 2.1: CreateContainer with the archive as the image)
+    between the handlers both ways: our archive into our pod and into runc's (stock
+    `runc restore` reads our images), and a runc pod's archive into ours (verified as a
+    foreign checkpoint first). The counter goes on, the held file is back."""
+    archive = tmp_path / "checkpoint.tar"
+    at_checkpoint = kubelet_checkpoint(cri, pods, agent, source, registry_image, archive)
+    sandbox_id, pod = cri.run_pod(f"dst-{target}-{uuid.uuid4().hex[:6]}", target, annotations={
+        "io.kybernate.agent-socket": str(agent.socket)})
+    pods.append(sandbox_id)
+    restored = create_from_image(cri, sandbox_id, pod, str(archive), [])
+    wait_for("the restored counter", lambda: count_of(cri, restored) > at_checkpoint + 3)
+    held = exec_sync(cri, restored, ["cat", "/tmp/held"]).stdout.decode().split()
+    assert held[:3] == ["1", "2", "3"], held[:5]
+    if (source, target) == (RUNC_HANDLER, KYBERNATE_HANDLER):
+        assert "not a Kybernate checkpoint" not in agent.log()
+
+
+@pytest.mark.containerd2
+def test_tampered_runc_archive_is_refused_before_anything_runs(
+        cri: CriSandbox, pods: list[str], agent: AgentProcess, registry_image: str, tmp_path: Path) -> None:
+    """A runc archive whose pages file lost a page: refused by the agent's foreign
+    checkpoint checks, naming the file, and nothing of the container runs."""
+    archive = tmp_path / "checkpoint.tar"
+    kubelet_checkpoint(cri, pods, agent, RUNC_HANDLER, registry_image, archive)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(unpacked)], check=True)
+    pages = max((unpacked / "checkpoint").glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    with pages.open("r+b") as f:
+        f.truncate(pages.stat().st_size - 4096)
+    tampered = tmp_path / "tampered.tar"
+    subprocess.run(["tar", "-cf", str(tampered), "-C", str(unpacked), "."], check=True)
+    sandbox_id, pod = cri.run_pod(f"dst-{uuid.uuid4().hex[:6]}", KYBERNATE_HANDLER, annotations={
+        "io.kybernate.agent-socket": str(agent.socket)})
+    pods.append(sandbox_id)
+    with pytest.raises(grpc.RpcError) as refused:
+        create_from_image(cri, sandbox_id, pod, str(tampered), [])
+    assert f"{pages.name} holds" in (refused.value.details() or ""), refused.value.details()
+    containers = cri.client.call(cri.client.runtime.ListContainers, cri.api.ListContainersRequest(
+        filter=cri.api.ContainerFilter(pod_sandbox_id=sandbox_id))).containers
+    assert all(c.state != cri.api.CONTAINER_RUNNING for c in containers)
