@@ -48,8 +48,14 @@ from bench.common import (
 )
 from tests.support.agent import running_agent
 from tests.support.containerd import release_named
-from tests.support.cri import KYBERNATE_HANDLER, RUNC_HANDLER, CriSandbox, cri_sandbox
-from tests.support.images import BUSYBOX_IMAGE_REF, build_oci_archive
+from tests.support.cri import (
+    KYBERNATE_HANDLER,
+    RUNC_HANDLER,
+    CriSandbox,
+    cri_sandbox,
+    pull_through_registry,
+)
+from tests.support.images import build_oci_archive
 from tests.support.registry import loopback_registry
 
 HANDLERS = (KYBERNATE_HANDLER, RUNC_HANDLER)
@@ -134,17 +140,6 @@ def checkpoint_cycle(cri: CriSandbox, handler: str, image: str, agent_socket: st
     return times
 
 
-def served_image(cri: CriSandbox, registry_host: str) -> str:
-    """The busybox image pushed to the loopback registry and pulled back through CRI."""
-    reference = f"{registry_host}/kybernate-test/busybox:latest"
-    cri.containerd.ctr("images", "tag", BUSYBOX_IMAGE_REF, reference, check=True)
-    cri.containerd.ctr("images", "push", "--plain-http", reference, timeout=120, check=True)
-    cri.containerd.ctr("images", "rm", reference, check=True)
-    cri.client.call(cri.client.images.PullImage,
-                    cri.api.PullImageRequest(image=cri.api.ImageSpec(image=reference)))
-    return reference
-
-
 def wait_for_no_shims(cri: CriSandbox) -> None:
     deadline = time.monotonic() + SHIMS_GONE_TIMEOUT_S
     while cri.containerd.shim_pids():
@@ -173,7 +168,7 @@ def run(runs: int, warmups: int, containerd: str, out_dir: Path, checkpoint_runs
                     for step, seconds in one_pod(cri, handler, f"bench-{handler}-{round_}").items():
                         samples[handler][step].append(seconds)
             if checkpoint_runs:
-                image = served_image(cri, registry.host)
+                image = pull_through_registry(cri, registry.host)
                 archive = Path(scratch) / "checkpoint.tar"
                 for handler in HANDLERS:  # warm-up: the first pull and CRIU's first run
                     checkpoint_cycle(cri, handler, image, str(agent.socket), archive)

@@ -32,8 +32,8 @@ from tests.support.cri import (
     enable_pod_network,
     exec_sync,
     network_namespaces,
+    pull_through_registry,
 )
-from tests.support.images import BUSYBOX_IMAGE_REF
 from tests.support.registry import running_registry
 from tests.support.waiting import wait_for
 
@@ -274,13 +274,7 @@ def registry_image(cri: CriSandbox) -> Iterator[str]:
     restore from an archive pulls the checkpoint's base image by its repository digest,
     which an image imported with ctr does not have."""
     with running_registry() as registry:
-        reference = f"{registry.host}/kybernate-test/busybox:latest"
-        cri.containerd.ctr("images", "tag", BUSYBOX_IMAGE_REF, reference, check=True)
-        cri.containerd.ctr("images", "push", "--plain-http", reference, timeout=120, check=True)
-        cri.containerd.ctr("images", "rm", reference, check=True)
-        cri.client.call(cri.client.images.PullImage,
-                        cri.api.PullImageRequest(image=cri.api.ImageSpec(image=reference)))
-        yield reference
+        yield pull_through_registry(cri, registry.host)
 
 
 def create_from_image(cri: CriSandbox, sandbox_id: str, pod: object, image: str,

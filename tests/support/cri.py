@@ -292,6 +292,20 @@ def enable_pod_network(sandbox: CriSandbox) -> PodNetwork:
         time.sleep(0.2)
 
 
+def pull_through_registry(sandbox: CriSandbox, registry_host: str,
+                          image: str = BUSYBOX_IMAGE_REF) -> str:
+    """Push `image` to the registry at `registry_host` and pull it back through CRI, so
+    that it has a repository digest (CRI's restore from an archive pulls the
+    checkpoint's base image by it); the reference pulled."""
+    reference = f"{registry_host}/{image.split('/', 1)[1]}"
+    sandbox.containerd.ctr("images", "tag", image, reference, check=True)
+    sandbox.containerd.ctr("images", "push", "--plain-http", reference, timeout=120, check=True)
+    sandbox.containerd.ctr("images", "rm", reference, check=True)
+    sandbox.client.call(sandbox.client.images.PullImage,
+                        sandbox.api.PullImageRequest(image=sandbox.api.ImageSpec(image=reference)))
+    return reference
+
+
 def pod_cgroups(cgroup_parent: str) -> list[Path]:
     """Cgroups below the pods' parent, in every mounted hierarchy."""
     return [child for parent in cgroups_named(cgroup_parent)
