@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kybernate.agent import commit
+from kybernate.api.layout import METADATA_FILE
 from kybernate.errors import DataLoss, FailedPrecondition
 
 #: CRIU's magic numbers (criu/include/magic.h; go-criu's magic package).
@@ -108,7 +109,7 @@ def _regular_files(directory: Path, where: str) -> set[str]:
         if not stat.S_ISREG(info.st_mode):
             raise DataLoss(f"{where}: {entry.name[:80]!r} is not a regular file; refused")
         if not (_IMAGE_NAME.match(entry.name) or _TAR_IMAGE_NAME.match(entry.name)
-                or entry.name in _OTHER_FILES or entry.name == commit.METADATA_FILE):
+                or entry.name in _OTHER_FILES or entry.name == METADATA_FILE):
             raise DataLoss(f"{where}: {entry.name[:80]!r} is not a file CRIU or runc writes; refused")
         names.add(entry.name)
     return names

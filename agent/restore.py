@@ -30,6 +30,7 @@ from kybernate.agent.inuse import InUse
 from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier, split_reference
 from kybernate.agent.remote import RemoteTier
+from kybernate.api.layout import METADATA_FILE
 from kybernate.errors import DataLoss, FailedPrecondition, InvalidArgument, KybernateError, NotFound
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class RestorePreparer:
         read it)."""
         if not directory.is_absolute():
             raise InvalidArgument(f"restore: checkpoint directory {directory} must be absolute")
-        if not (directory / commit.METADATA_FILE).exists():
+        if not (directory / METADATA_FILE).exists():
             # runc's images (kubelet's forensic checkpoint of a runc pod): only from
             # containerd, and only once they pass foreign_checkpoint's checks.
             metadata = await asyncio.to_thread(verify_foreign, directory)

@@ -18,9 +18,9 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from kybernate.api.client import DEFAULT_SOCKET, AgentClient
 from kybernate.cli.containerd_api import CRI_NAMESPACE, DEFAULT_ADDRESS, ContainerdClient
 from kybernate.errors import InvalidArgument, KybernateError
-from kybernate.api.client import DEFAULT_SOCKET, AgentClient
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -83,8 +83,8 @@ class ContainerdClient:
         from kybernate.protos import containerd_containers_pb2, containerd_containers_pb2_grpc
 
         stub = containerd_containers_pb2_grpc.ContainersStub(self._channel)
-        response = await self._call(stub.Get, containerd_containers_pb2.GetContainerRequest(id=container_id),
-                                    timeout=30)
+        response: containerd_containers_pb2.GetContainerResponse = await self._call(
+            stub.Get, containerd_containers_pb2.GetContainerRequest(id=container_id), timeout=30)
         return response.container
 
     async def pod_container(self, pod_namespace: str, pod: str,
@@ -94,8 +94,9 @@ class ContainerdClient:
         from kybernate.protos import containerd_containers_pb2, containerd_containers_pb2_grpc
 
         stub = containerd_containers_pb2_grpc.ContainersStub(self._channel)
-        response = await self._call(stub.List, containerd_containers_pb2.ListContainersRequest(
-            filters=[pod_container_filter(pod_namespace, pod, container)]), timeout=30)
+        response: containerd_containers_pb2.ListContainersResponse = await self._call(
+            stub.List, containerd_containers_pb2.ListContainersRequest(
+                filters=[pod_container_filter(pod_namespace, pod, container)]), timeout=30)
         if not response.containers:
             raise NotFound(f"containerd namespace {self.namespace!r} has no container {container!r} of pod "
                            f"{pod_namespace}/{pod}")

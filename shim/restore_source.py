@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kybernate.api.layout import METADATA_FILE
 from kybernate.errors import FailedPrecondition, InvalidArgument
 from kybernate.oci import load_spec
 from kybernate.shim.agent_settings import restore_from

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from kybernate.cli.containerd_api import pod_container_filter
 from kybernate.agent.reservations import DEFAULT_TTL_S, Reservations
+from kybernate.cli.containerd_api import pod_container_filter
 from kybernate.errors import AlreadyExists, InvalidArgument
 
 
