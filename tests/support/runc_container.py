@@ -22,7 +22,9 @@ from tests.support.bundle import make_bundle
 
 COUNTER = (
     "KYBERNATE_FAKE_CUDA=$CUDA_TOKEN sleep 1000000 & "
-    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+    # Written aside and renamed: a dump that freezes the shell between the truncate and
+    # the write of a plain `>` would leave the file empty.
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done"
 )
 # A loopback TCP connection inside the container: CRIU refuses it without tcp_established.
 TCP_PAIR = (
