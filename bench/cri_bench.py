@@ -56,7 +56,7 @@ from tests.support.cri import (
     pull_through_registry,
 )
 from tests.support.images import build_oci_archive
-from tests.support.registry import loopback_registry
+from tests.support.registry import running_registry
 
 HANDLERS = (KYBERNATE_HANDLER, RUNC_HANDLER)
 STARTUP_STEPS = ("run_pod_sandbox", "create_container", "start_container", "create_and_start",
@@ -156,7 +156,7 @@ def run(runs: int, warmups: int, containerd: str, out_dir: Path, checkpoint_runs
     steps = STARTUP_STEPS + (CHECKPOINT_STEPS if checkpoint_runs else ())
     samples: dict[str, dict[str, list[float]]] = {h: {s: [] for s in steps} for h in HANDLERS}
     with tempfile.TemporaryDirectory(prefix="kyb-cri-bench-") as scratch, \
-            running_agent(Path(scratch) / "agent") as agent, loopback_registry() as registry:
+            running_agent(Path(scratch) / "agent") as agent, running_registry() as registry:
         busybox = build_oci_archive(Path(scratch) / "busybox-oci.tar")
         with cri_sandbox(release, busybox) as cri:
             for round_ in range(warmups):
