@@ -12,13 +12,14 @@ Everything here is blocking file I/O; callers run it in a thread.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,18 @@ def _hash_all(pool: ThreadPoolExecutor, directory: Path, files: list[Path]) -> d
     return {rel: pool.submit(sha256_file, directory / rel) for rel in _largest_first(directory, files)}
 
 
+def payload_names(directory: Path) -> list[str]:
+    """Every payload file of `directory` (metadata.json and drafts aside), relative."""
+    return [rel.as_posix() for rel in _payload_files(directory)]
+
+
+def hash_files(directory: Path, names: Collection[str]) -> dict[str, str]:
+    """{relative path: sha256} of `names` under `directory`, hashed in parallel."""
+    with ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="kyb-hash") as pool:
+        digests = _hash_all(pool, directory, [Path(rel) for rel in names])
+        return {rel.as_posix(): future.result() for rel, future in digests.items()}
+
+
 def manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {size, sha256}} for every payload file."""
     files = _payload_files(directory)
@@ -85,6 +98,25 @@ def manifest(directory: Path) -> dict[str, dict[str, Any]]:
         digests = _hash_all(pool, directory, files)
         return {rel.as_posix(): {"size": (directory / rel).stat().st_size, "sha256": digests[rel].result()}
                 for rel in files}
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(directory: Path) -> None:
+    """Ask the kernel to start writing every payload file to disk, without waiting
+    (sync_file_range(SYNC_FILE_RANGE_WRITE)): the commit's fsync, later, then finds
+    little left to wait for. Best effort."""
+    for rel in _payload_files(directory):
+        try:
+            fd = os.open(directory / rel, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            _LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
+        finally:
+            os.close(fd)
 
 
 def _fsync_path(path: Path) -> None:
@@ -107,13 +139,36 @@ def write_json_durably(path: Path, document: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def document_for(metadata: Mapping[str, Any], files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The metadata.json of a checkpoint: `metadata` plus the format and the file list."""
+    return {**metadata, "format": METADATA_FORMAT, "files": {rel: dict(entry) for rel, entry in files.items()}}
+
+
+def file_entries(directory: Path, digests: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} from digests already computed."""
+    return {rel: {"size": (directory / rel).stat().st_size, "sha256": digest}
+            for rel, digest in sorted(digests.items())}
+
+
+def _check_precomputed(staging: Path, payload: list[Path], files: Mapping[str, Mapping[str, Any]]) -> None:
+    """Digests computed while the data was written must cover exactly what is on disk."""
+    present = {rel.as_posix() for rel in payload}
+    if present != set(files):
+        raise Internal(f"{staging}: hashed {sorted(files)}, but the directory holds {sorted(present)}")
+    for rel, entry in files.items():
+        if (staging / rel).stat().st_size != entry["size"]:
+            raise Internal(f"{staging}: {rel} changed size after it was hashed")
+
+
 def commit(staging: Path, final: Path, metadata: Mapping[str, Any], *,
+           files: Mapping[str, Mapping[str, Any]] | None = None,
            before_metadata: Callable[[], None] | None = None) -> dict[str, Any]:
     """Seal `staging` and rename it to `final`; returns the metadata written.
 
     `metadata` is everything but the file list, which is computed here from what
-    is actually on disk. `before_metadata` runs once the files are hashed and synced
-    (fault injection).
+    is actually on disk, unless `files` brings it (hashed while CRIU wrote, see
+    `kybernate.agent.hash_behind`): then only sizes are checked. `before_metadata`
+    runs once the files are hashed and synced (fault injection).
     """
     if (staging / METADATA_FILE).exists():
         raise Internal(f"{staging} already has {METADATA_FILE}: refusing to commit twice")
@@ -123,14 +178,16 @@ def commit(staging: Path, final: Path, metadata: Mapping[str, Any], *,
     with ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="kyb-commit") as pool:
         # Writeback starts for every file while the hashes are computed.
         synced = [pool.submit(_fsync_path, staging / rel) for rel in _largest_first(staging, payload)]
-        digests = _hash_all(pool, staging, payload)
-        files = {rel.as_posix(): {"size": (staging / rel).stat().st_size, "sha256": digests[rel].result()}
-                 for rel in payload}
+        if files is None:
+            digests = _hash_all(pool, staging, payload)
+            files = file_entries(staging, {rel.as_posix(): digests[rel].result() for rel in payload})
+        else:
+            _check_precomputed(staging, payload, files)
         for done in synced:
             done.result()
     if before_metadata is not None:
         before_metadata()
-    document = {**metadata, "format": METADATA_FORMAT, "files": files}
+    document = document_for(metadata, files)
     for sub in sorted({p.parent for p in (staging / r for r in files)} - {staging}):
         _fsync_path(sub)
     # Last: its presence is what makes the directory a checkpoint.
@@ -245,13 +302,16 @@ def sha256_file_reporting(path: Path, progress: Callable[[int], None]) -> str:
 
 
 def verify(directory: Path, *, criu_version: str | None = None,
-           progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+           progress: Callable[[int], None] | None = None,
+           trusted: Collection[str] = frozenset(), deferred: Collection[str] = frozenset()) -> dict[str, Any]:
     """Check every file against metadata.json; returns the metadata. `progress` (called
     from worker threads) hears of every chunk hashed.
 
     Raises DataLoss naming the first file that is missing, extra, resized or
     altered, and FailedPrecondition when the checkpoint was made by a CRIU of
-    another major version than `criu_version`.
+    another major version than `criu_version`. Files in `trusted` (their seal
+    matched, see `kybernate.agent.seal`) and in `deferred` (hashed later, while CRIU
+    restores) are checked for presence and size only.
     """
     if not directory.is_dir():
         raise DataLoss(f"checkpoint directory {directory} does not exist")
@@ -267,14 +327,15 @@ def verify(directory: Path, *, criu_version: str | None = None,
         if path.stat().st_size != entry.get("size"):
             raise DataLoss(f"checkpoint {directory}: file {rel} has size {path.stat().st_size},"
                            f" expected {entry.get('size')}")
+    hashed = sorted(rel for rel in expected if rel not in trusted and rel not in deferred)
     with ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="kyb-verify") as pool:
         if progress is None:
-            digests = _hash_all(pool, directory, [Path(rel) for rel in expected])
+            digests = _hash_all(pool, directory, [Path(rel) for rel in hashed])
         else:
             reporting = progress
             digests = {Path(rel): pool.submit(sha256_file_reporting, directory / rel, reporting)
-                       for rel in expected}
-        for rel in sorted(expected):
+                       for rel in hashed}
+        for rel in hashed:
             if digests[Path(rel)].result() != expected[rel].get("sha256"):
                 raise DataLoss(f"checkpoint {directory}: file {rel} failed its sha256 check")
     if criu_version is not None:
@@ -286,17 +347,22 @@ def verify(directory: Path, *, criu_version: str | None = None,
     return document
 
 
-def export(final: Path, destination: Path) -> None:
-    """Make the committed files available at containerd's `path` so it packs them.
+def export(directory: Path, destination: Path, *, document: Mapping[str, Any] | None = None) -> None:
+    """Make the checkpoint's files available at containerd's `path` so it packs them.
 
-    Hard links when on the same filesystem (no copy, and the committed files are
-    never written again), copies otherwise.
+    Hard links when on the same filesystem (no copy, and the checkpoint's files are
+    never written again), copies otherwise. With `document`, metadata.json is written
+    from it (the checkpoint is exported before its own commit, which writes the same
+    document durably once the container runs again).
     """
     destination.mkdir(parents=True, exist_ok=True)
-    for path in sorted(final.rglob("*")):
-        if not path.is_file():
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if not path.is_file() or rel.as_posix().startswith(DRAFT_FILE):
             continue
-        target = destination / path.relative_to(final)
+        if document is not None and rel.as_posix() == METADATA_FILE:
+            continue
+        target = destination / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             target.unlink()
@@ -306,3 +372,7 @@ def export(final: Path, destination: Path) -> None:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
             shutil.copy2(path, target)
+    if document is not None:
+        with (destination / METADATA_FILE).open("w", encoding="utf-8") as f:
+            json.dump(document, f, indent=2, sort_keys=True)
+            f.write("\n")

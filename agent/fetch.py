@@ -2,8 +2,11 @@
 
 A download goes to `<local_tier>/.fetch-<id>` (a prefix of its own: start-up recovery
 never takes it for the pipeline's `.staging-<id>`, nor for a checkpoint). Every file
-and directory is fsynced, the whole is verified against metadata.json's sha256s
-(`commit.verify`), renamed to `<local_tier>/<id>`, and the parent fsynced. Only then
+and directory is fsynced, every file was checked against metadata.json's sha256 in
+the same read that checks the server's CRC (`RemoteTier.download`), the listing and
+sizes against metadata.json (`commit.verify`), renamed to `<local_tier>/<id>`, the
+parent fsynced, and the copy sealed (`kybernate.agent.seal`), so that the restore
+that asked for it does not hash it again. Only then
 does the checkpoint count as local: a crash at any point before leaves a `.fetch-`
 directory, which is never trusted and which `remove_leftover_fetches` removes.
 
@@ -91,12 +94,16 @@ def _fetch_blocking(remote: RemoteTier, local: LocalTier, checkpoint_id: str, cr
     if staging.exists():
         shutil.rmtree(staging)  # an earlier attempt's leftover: never trusted, never resumed
     try:
-        remote.download(checkpoint_id, staging, max_bytes=local.free_bytes(), progress=progress,
-                        on_total=on_total)
+        document = remote.download(checkpoint_id, staging, max_bytes=local.free_bytes(), progress=progress,
+                                   on_total=on_total)
         _fsync_tree(staging)
-        commit.verify(staging, criu_version=criu_version)
+        # The download hashed every file as it checked the server's CRC: here only
+        # the listing, the sizes and the CRIU version are checked, then it is sealed.
+        downloaded = frozenset(document.get("files") or ())
+        commit.verify(staging, criu_version=criu_version, trusted=downloaded)
         os.rename(staging, final)
         _fsync_directory(final.parent)
+        local.seals.record(checkpoint_id, final, [*downloaded, layout.METADATA_FILE])
         return final
     finally:
         if staging.exists():

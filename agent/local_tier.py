@@ -6,11 +6,14 @@ from here to there `kybernate.agent.promoter`, and the way back `kybernate.agent
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from kybernate.agent import commit, naming
+from kybernate.agent.seal import SealStore
 from kybernate.api import layout
 
 #: A local copy being removed: renamed first, so that it stops being a checkpoint at
@@ -18,11 +21,36 @@ from kybernate.api import layout
 DELETING_PREFIX = ".deleting-"
 
 
+class CommitsInFlight:
+    """Commits running in this agent, by checkpoint id: a restore by name of a
+    checkpoint whose Checkpoint call already returned waits for its commit."""
+
+    def __init__(self) -> None:
+        self._commits: dict[str, asyncio.Future[Any]] = {}
+
+    def add(self, checkpoint_id: str, done: asyncio.Future[Any]) -> None:
+        self._commits[checkpoint_id] = done
+        done.add_done_callback(lambda _: self._commits.pop(checkpoint_id, None))
+
+    def running(self, checkpoint_id: str) -> bool:
+        return checkpoint_id in self._commits
+
+    async def wait(self, checkpoint_id: str) -> bool:
+        """Wait for the commit of `checkpoint_id` if one runs; whether one did."""
+        done = self._commits.get(checkpoint_id)
+        if done is None:
+            return False
+        await asyncio.wait([done])
+        return True
+
+
 class LocalTier:
     """The directory every checkpoint commits to first."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.seals = SealStore(root)
+        self.in_flight = CommitsInFlight()
 
     def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -69,6 +97,7 @@ class LocalTier:
         os.rename(directory, doomed)
         commit.fsync_directory(self.root)
         shutil.rmtree(doomed, ignore_errors=True)
+        self.seals.remove(checkpoint_id)
         return True
 
     def remove_leftover_deletions(self) -> list[Path]:

@@ -27,6 +27,7 @@ import psutil
 from kybernate.agent import commit, work_path, writable_layer
 from kybernate.agent.config import AgentConfig
 from kybernate.agent.gpu import GpuControl
+from kybernate.agent.hash_behind import HashBehind
 from kybernate.agent.limits import CheckpointLimits
 from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.metadata import HostVersions, checkpoint_metadata
@@ -34,6 +35,7 @@ from kybernate.agent.metrics import AgentMetrics
 from kybernate.agent.plan import CheckpointPlan, check_disk
 from kybernate.agent.promoter import Promoter
 from kybernate.agent.registry import Registry
+from kybernate.api import layout
 from kybernate.api.layout import ROOTFS_DIFF_FILE
 from kybernate.cuda import CudaState
 from kybernate.errors import (
@@ -50,6 +52,15 @@ from kybernate.runtime.cgroups import Cgroup
 log = logging.getLogger(__name__)
 
 FREEZE_TIMEOUT_S = 30.0
+#: How long a commit waits for containerd to resume the container it paused around
+#: Checkpoint (it packs the images first: seconds per GB) before it goes ahead anyway.
+COMMIT_THAW_WAIT_S = 120.0
+THAW_POLL_S = 0.02
+#: Host memory one CRIU dump holds besides GPU state: its page pipes (vmsplice'd
+#: pages on their way to the image files) and its own heap. Ten concurrent dumps of
+#: 256 MiB containers peaked at 76 MiB RSS for the agent with its CRIU children
+#: (bench/scale_bench.py), so 64 MiB per dump is on the safe side.
+DUMP_WORKING_SET_BYTES = 64 << 20
 
 
 class ContainerCondition(enum.Enum):
@@ -127,6 +138,13 @@ class CheckpointPipeline:
         self._inventory: dict[str, Any] = {"gpus": []}
         self._data_complete = False
         self._commit_task: asyncio.Future[dict[str, Any]] | None = None
+        # Digests of the pages images, computed behind CRIU's writes; then of every file.
+        self._pages_digests: dict[str, tuple[int, str]] = {}
+        self._files: dict[str, dict[str, Any]] | None = None
+        # The metadata (without the file list) exported and committed: computed once,
+        # so containerd's copy and the local one hold the same metadata.json.
+        self._final_metadata: dict[str, Any] | None = None
+        self._writeback: asyncio.Future[None] | None = None
         self._staging = deps.local.staging(plan.checkpoint_id)
         self._work_dir = deps.config.work_root / plan.checkpoint_id
 
@@ -140,8 +158,11 @@ class CheckpointPipeline:
         previous_ms = max(self._timings.values(), default=0)
         self._timings[name] = self._elapsed_ms()
         self._deps.metrics.phase_reached(name, self._timings[name] / 1000, previous_ms / 1000)
-        await self._report(agent_pb2.CheckpointProgress(
-            phase=phase, checkpoint_id=self._plan.checkpoint_id, elapsed_ms=self._timings[name], **fields))
+        if phase == agent_pb2.COMMITTED and self._plan.return_after_export:  # its caller left at EXPORTED
+            log.info("checkpoint %s committed after %d ms", self._plan.checkpoint_id, self._timings[name])
+        else:
+            await self._report(agent_pb2.CheckpointProgress(
+                phase=phase, checkpoint_id=self._plan.checkpoint_id, elapsed_ms=self._timings[name], **fields))
         hold = self._deps.config.debug_hold_after_phase.get(name)
         if hold:
             log.warning("fault injection: holding %.1fs after phase %s", hold, name)
@@ -176,6 +197,8 @@ class CheckpointPipeline:
                 raise DeadlineExceeded(
                     f"checkpoint of {plan.container_id} passed its deadline of {plan.deadline_s:.1f}s"
                     f" while the container was {self._condition.value}") from None
+            await self._export()
+            await self._await_thaw()
             await self._commit()
         except asyncio.CancelledError:
             log.warning("checkpoint %s cancelled (agent stopping, or the shim gave up) while the"
@@ -202,10 +225,13 @@ class CheckpointPipeline:
         self._cuda_pids = await deps.gpu.cuda_pids(cgroup.pids())
         gpu_usage = await deps.gpu.gpus_of(self._cuda_pids)
         # Checkpointed GPU memory lands in host memory, and so in CRIU's pages.
-        needed = plan.memory_estimate + sum(gpu_usage.values())
-        check_disk(deps.local, deps.config, needed, plan.container_id)
+        gpu_bytes = sum(gpu_usage.values())
+        check_disk(deps.local, deps.config, plan.memory_estimate + gpu_bytes, plan.container_id)
 
-        async with deps.limits.admit(gpu_usage, needed):
+        # What a dump holds in host memory: the GPU memory copied out of the devices,
+        # and CRIU's own working set. Not the container's RSS: CRIU streams the pages
+        # through its page pipes into the image files.
+        async with deps.limits.admit(gpu_usage, gpu_bytes + DUMP_WORKING_SET_BYTES):
             deps.limits.in_flight += 1
             try:
                 await self._phase(agent_pb2.ADMITTED)
@@ -268,11 +294,19 @@ class CheckpointPipeline:
         # whether the dump finished (`commit.recoverable_metadata`).
         await asyncio.to_thread(commit.write_draft, self._staging, self._metadata(), commit.DRAFT_DUMPING,
                                 work_dir=self._work_dir)
+        hasher = HashBehind(self._staging).start()
         try:
             await self._deps.criu.dump(options)
+        except BaseException:
+            await asyncio.to_thread(hasher.close)
+            raise
         finally:  # the log of a failed dump is what its client looks for first
             if plan.client_work_path is not None:
                 await asyncio.to_thread(work_path.hand_over, self._work_dir, plan.client_work_path)
+        # The disk starts on the images now, in the background: the commit's fsync
+        # after the thaw then has little left to wait for.
+        self._writeback = asyncio.ensure_future(asyncio.to_thread(commit.start_writeback, self._staging))
+        self._pages_digests = await asyncio.to_thread(hasher.finish)
         if plan.exit:
             self._advance(ContainerCondition.EXITED)
         await asyncio.to_thread(commit.write_draft, self._staging, self._metadata(), commit.DRAFT_COMPLETE,
@@ -313,21 +347,58 @@ class CheckpointPipeline:
             cuda_inventory=self._inventory, cuda_pids=self._cuda_pids, cuda_steps=self._cuda_steps,
             timings_ms=self._timings)
 
-    async def _commit(self) -> None:
-        """Seal the complete data, then hand it to containerd and the remote tier. After
-        the rename the checkpoint exists, whatever fails next."""
+    async def _export(self) -> None:
+        """Finish the digests, then put the images and metadata.json where containerd
+        packs them (phase EXPORTED). Nothing here needs the container stopped; what
+        runs while containerd keeps it paused is the tail of the pages CRIU wrote last
+        and the small images."""
         plan = self._plan
+        self._files = await asyncio.to_thread(self._digest_all)
+        self._final_metadata = self._metadata()
+        if plan.destination is not None:
+            document = commit.document_for(self._final_metadata, self._files)
+            try:
+                await asyncio.to_thread(commit.export, self._staging, plan.destination, document=document)
+            except OSError as exc:
+                raise Internal(f"checkpoint {plan.checkpoint_id}: exporting it to {plan.destination} failed:"
+                               f" {exc}") from None
+        await self._phase(agent_pb2.EXPORTED)
+
+    def _digest_all(self) -> dict[str, dict[str, Any]]:
+        """Every payload file's size and sha256: the pages from behind CRIU, the rest now."""
+        digests = {rel: digest for rel, (_, digest) in self._pages_digests.items()}
+        rest = [rel for rel in commit.payload_names(self._staging) if rel not in digests]
+        digests.update(commit.hash_files(self._staging, rest))
+        return commit.file_entries(self._staging, digests)
+
+    async def _await_thaw(self) -> None:
+        """When the caller went on at EXPORTED (containerd resumes the task only after
+        it has packed the images), fsync and seal once the container runs again: the
+        commit is I/O a paused container need not wait for, and containerd's removal
+        of its links to our files (which moves their ctime) has happened by then."""
+        plan = self._plan
+        if not plan.return_after_export or plan.exit or self._cgroup is None:
+            return
+        waited = time.monotonic()
+        while time.monotonic() - waited < COMMIT_THAW_WAIT_S:
+            try:
+                frozen = await asyncio.to_thread(self._cgroup.is_frozen)
+            except (KybernateError, OSError):
+                return  # the container is gone
+            if not frozen or not psutil.pid_exists(plan.init_pid):
+                return
+            await asyncio.sleep(THAW_POLL_S)
+        log.info("checkpoint %s: container %s still paused after %.0fs; committing anyway",
+                 plan.checkpoint_id, plan.container_id, COMMIT_THAW_WAIT_S)
+
+    async def _commit(self) -> None:
+        """Seal the complete data and record it. After the rename the checkpoint
+        exists, whatever fails next."""
         commit_started = time.monotonic()
         final = await self._seal()
         self._deps.metrics.data_moved("committed", await asyncio.to_thread(_tree_bytes, final),
                                       time.monotonic() - commit_started)
         await asyncio.to_thread(shutil.rmtree, self._work_dir, True)
-        if plan.destination is not None:
-            try:
-                await asyncio.to_thread(commit.export, final, plan.destination)
-            except OSError as exc:
-                raise Internal(f"checkpoint {plan.checkpoint_id} is committed at {final}, but exporting"
-                               f" it to {plan.destination} failed: {exc}") from None
         await self._phase(agent_pb2.COMMITTED, local_path=str(final))
 
     async def _seal(self) -> Path:
@@ -335,11 +406,14 @@ class CheckpointPipeline:
         thread cannot be stopped, and with `exit` the data is the only copy)."""
         plan, deps = self._plan, self._deps
         final = deps.local.committed(plan.checkpoint_id)
+        if self._writeback is not None:
+            await asyncio.wait([self._writeback])
         if self._commit_task is None:
             hold = deps.config.debug_hold_during_commit_s
             self._commit_task = asyncio.ensure_future(asyncio.to_thread(
-                commit.commit, self._staging, final, self._metadata(),
-                before_metadata=(lambda: _fault_hold("during commit", hold)) if hold else None))
+                self._commit_and_seal, final,
+                (lambda: _fault_hold("during commit", hold)) if hold else None))
+            deps.local.in_flight.add(plan.checkpoint_id, self._commit_task)
         try:
             document = await asyncio.shield(self._commit_task)
         except asyncio.CancelledError:
@@ -351,6 +425,16 @@ class CheckpointPipeline:
             raise
         await self._record_committed(document)
         return final
+
+    def _commit_and_seal(self, final: Path, before_metadata: Callable[[], None] | None) -> dict[str, Any]:
+        document = commit.commit(self._staging, final, self._final_metadata or self._metadata(),
+                                 files=self._files, before_metadata=before_metadata)
+        try:
+            self._deps.local.seals.record(self._plan.checkpoint_id, final,
+                                          [*document["files"], layout.METADATA_FILE])
+        except OSError as exc:  # unsealed, it is hashed at its next restore instead
+            log.warning("checkpoint %s: committed, but sealing it failed: %s", self._plan.checkpoint_id, exc)
+        return document
 
     async def _record_committed(self, document: Mapping[str, Any]) -> None:
         plan, deps = self._plan, self._deps

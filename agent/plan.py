@@ -55,6 +55,8 @@ class CheckpointPlan:
     memory_estimate: int
     #: Where CRIU's dump.log and stats-dump go besides (the client's work path).
     client_work_path: Path | None = None
+    # The caller (the shim) goes on at EXPORTED; the commit follows on its own.
+    return_after_export: bool = False
 
     def options_record(self) -> dict[str, Any]:
         return {
@@ -157,4 +159,5 @@ def plan_checkpoint(request: agent_pb2.CheckpointRequest, config: AgentConfig, l
         gpu_lock_timeout_ms=options.gpu_lock_timeout_ms or config.gpu_lock_timeout_ms,
         deadline_s=options.deadline_ms / 1000 if options.deadline_ms else None,
         image_ref=request.image_ref, labels=dict(request.labels), memory_estimate=memory,
+        return_after_export=request.return_after_export,
     )

@@ -319,8 +319,9 @@ class RemoteTier:
                  on_total: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Download a complete remote checkpoint into `target`, which must not exist;
         returns its metadata. metadata.json is read and validated first and written
-        last; every file's CRC is checked against the server's. Nothing here is
-        fsynced or sha256-verified: that is the caller's (see `fetch`).
+        last; every file's CRC is checked against the server's and its sha256 against
+        metadata.json's, in one read. Nothing here is fsynced: that is the caller's
+        (see `fetch`).
 
         NotFound when the bucket has no complete checkpoint `checkpoint_id`; DataLoss
         for content that fails a check; ResourceExhausted when the files add up to
@@ -357,14 +358,16 @@ class RemoteTier:
                 on_total(total)
             target.mkdir(mode=0o700)
             for f in files:
-                self._get_file(self.checkpoint_key(checkpoint_id, f.rel), target / f.rel, f.size, where, progress)
+                self._get_file(self.checkpoint_key(checkpoint_id, f.rel), target / f.rel, f, where, progress)
             # Last, as on upload: a local copy without it is not a checkpoint.
             (target / layout.METADATA_FILE).write_bytes(meta_bytes)
             return document
 
-    def _get_file(self, key: str, path: Path, size: int, where: str,
+    def _get_file(self, key: str, path: Path, expected: RemoteFile, where: str,
                   progress: Callable[[int], None] | None = None) -> None:
         from botocore.exceptions import FlexibleChecksumError
+
+        size = expected.size
 
         head = self._head_or_none(key)
         if head is None:
@@ -381,10 +384,14 @@ class RemoteTier:
                                                             subscribers=_subscribers(progress)))
         except FlexibleChecksumError as exc:
             raise DataLoss(f"{where}: downloaded {key} does not match the server's checksum ({exc})") from None
-        _, crc = _digests(path)
+        # One read of the download checks both the server's CRC and metadata.json's
+        # sha256: the fetch then seals the copy instead of hashing it again.
+        sha256, crc = _digests(path)
         if crc != expected_crc or path.stat().st_size != size:
             raise DataLoss(f"{where}: downloaded {key} does not match the server's checksum"
                            f" (CRC32 {crc}, expected {expected_crc})")
+        if sha256 != expected.sha256:
+            raise DataLoss(f"{where}: downloaded file {expected.rel} failed its sha256 check")
 
     # -- removal --------------------------------------------------------------
 

@@ -39,7 +39,8 @@ from tests.support.s3 import S3Server
 
 pytestmark = pytest.mark.integration
 
-ALL_PHASES = ["ACCEPTED", "ADMITTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FROZEN", "DUMPED", "RESUMED", "COMMITTED"]
+ALL_PHASES = ["ACCEPTED", "ADMITTED", "GPU_LOCKED", "GPU_CHECKPOINTED", "FROZEN", "DUMPED", "RESUMED", "EXPORTED",
+              "COMMITTED"]
 
 
 @pytest.fixture

@@ -174,7 +174,7 @@ def test_an_agent_killed_during_the_commit_is_succeeded_by_one_that_commits(
         return await stream
 
     seen, error = asyncio.run(scenario())
-    assert error is not None and phase_names(seen)[-1] == "DUMPED", (phase_names(seen), error)
+    assert error is not None and phase_names(seen)[-1] == "EXPORTED", (phase_names(seen), error)
     checkpoint_id = seen[-1].checkpoint_id
     assert (agent.local_tier / f".staging-{checkpoint_id}").is_dir()
     assert container.status() == "stopped", "CRIU's exit stopped it: the dump is the only copy"

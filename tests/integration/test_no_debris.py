@@ -51,7 +51,12 @@ def _leftovers(ctd: Containerd, agent: AgentProcess) -> dict[str, list[str]]:
     state = agent.state_dir
     return {
         "containerd runtime dir": sorted(p.name for p in ctd.runtime_dir.iterdir()),
-        "agent staging and downloads": sorted(p.name for p in agent.local_tier.iterdir() if p.name.startswith(".")),
+        "agent staging and downloads": sorted(p.name for p in agent.local_tier.iterdir()
+                                              if p.name.startswith(".") and p.name != ".seals"),
+        # A seal only for a checkpoint that is there.
+        "seals without a checkpoint": sorted(
+            p.name for p in (agent.local_tier / ".seals").glob("*")
+            if not (agent.local_tier / p.name.removesuffix(".json") / "metadata.json").exists()),
         "agent work dirs": sorted(p.name for p in (state / "work").iterdir()) if (state / "work").exists() else [],
         "failed checkpoints": sorted(p.name for p in (state / "failed-checkpoints").iterdir())
         if (state / "failed-checkpoints").exists() else [],

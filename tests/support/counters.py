@@ -100,6 +100,12 @@ def checkpoint(ctd: Containerd, agent: AgentProcess, container_id: str) -> dict[
     assert result.returncode == 0, result.stderr + agent.log()[-2000:]
     if result.stdout.strip():
         ctd.ctr("images", "rm", result.stdout.strip().splitlines()[-1], timeout=30)
-    new = [r for i, r in records(agent).items() if i not in before]
+    # Checkpoint returns once containerd has the images; the agent's commit follows.
+    deadline = time.monotonic() + 60
+    while True:
+        new = [r for i, r in records(agent).items() if i not in before]
+        if (len(new) == 1 and new[0]["state"] == "committed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(new) == 1 and new[0]["state"] == "committed", new
     return new[0]
