@@ -44,6 +44,9 @@ Example (every key optional):
     # Checkpoints other namespaces may restore (besides `kybernate checkpoint share`):
     # by id or namespace/name; namespace "*" is every namespace.
     shares = [{ checkpoint = "team-a/golden-llm", namespace = "k8s.io", pod_namespace = "team-b" }]
+    # Restore with CRIU's lazy pages (the task runs before its memory is in) unless a
+    # container's `io.kybernate.restore.lazy` says otherwise.
+    lazy_pages = false
 
     [retention]                 # what `kybernate checkpoint gc` and the background job remove
     keep_per_container = 0      # keep the newest N committed checkpoints of each container; 0: all
@@ -149,6 +152,8 @@ class AgentConfig:
     log_level: str = "info"
     restore_allowed_roots: tuple[Path, ...] = ()
     restore_shares: tuple[ConfiguredShare, ...] = ()
+    # Restores use CRIU's lazy pages unless the container says otherwise.
+    restore_lazy_pages: bool = False
     debug_hold_after_phase: Mapping[str, float] = dataclasses.field(default_factory=dict)
     debug_hold_during_commit_s: float = 0.0
 
@@ -193,7 +198,7 @@ _KNOWN = {
     "s3": {"endpoint_url", "bucket", "prefix", "region", "access_key_id", "secret_access_key",
            "max_attempts", "backoff_base_s", "backoff_max_s", "promote_interval_s", "retry_mode",
            "request_max_attempts", "part_size_bytes", "max_concurrency"},
-    "restore": {"allowed_roots", "shares"},
+    "restore": {"allowed_roots", "shares", "lazy_pages"},
     "metrics": {"port", "address", "occupancy_interval_s"},
     "retention": {"keep_per_container", "max_age_s", "local_max_bytes", "remote_max_bytes", "interval_s",
                   "restore_hold_s"},
@@ -290,6 +295,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> AgentConfig:
         raise InvalidArgument("config: [restore] allowed_roots must be a list of absolute paths")
     fields["restore_allowed_roots"] = tuple(Path(r) for r in roots)
     fields["restore_shares"] = tuple(_configured_share(entry) for entry in _list(restore, "shares"))
+    if (lazy := _typed(restore, "lazy_pages", bool, "[restore] ")) is not None:
+        fields["restore_lazy_pages"] = lazy
 
     metrics = _section(data, "metrics")
     if (port := _typed(metrics, "port", int, "[metrics] ")) is not None:

@@ -118,7 +118,8 @@ class Agent:
         fetcher = Fetcher(remote, self.local, criu_version=versions.criu) if remote is not None else None
         preparer = RestorePreparer(
             self.registry, self.local, remote, gpu, versions.criu, allowed_roots=config.restore_allowed_roots,
-            forbidden_roots=(config.local_tier, config.state_dir), shares=config.restore_shares, fetcher=fetcher)
+            forbidden_roots=(config.local_tier, config.state_dir), shares=config.restore_shares, fetcher=fetcher,
+            lazy_pages=config.restore_lazy_pages)
         self._lifecycle = Lifecycle(config, self.registry, self.local, remote, self._promoter, preparer, inuse,
                                     self.metrics)
         oci = OciTier(config, self.registry, self.local, inuse, self.metrics, criu_version=versions.criu)

@@ -31,9 +31,15 @@ from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier, split_reference
 from kybernate.agent.remote import RemoteTier
 from kybernate.api.layout import METADATA_FILE
+from kybernate.agent.verification import PendingVerifications, deferrable
+from kybernate.api import layout
 from kybernate.errors import DataLoss, FailedPrecondition, InvalidArgument, KybernateError, NotFound
 
 log = logging.getLogger(__name__)
+
+#: How long a restore from containerd's copy waits for the local commit of the same
+#: checkpoint (its fsync) before it hashes containerd's copy instead.
+LOCAL_COMMIT_WAIT_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +48,10 @@ class PreparedRestore:
     metadata: dict[str, Any]
     gpu_map: dict[str, str]
     checkpoint_id: str
+    # Files still being hashed (defer_pages), and the id to await them by.
+    verification_id: str = ""
+    deferred_files: tuple[str, ...] = ()
+    lazy_pages: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +66,7 @@ class RestorePreparer:
     def __init__(self, registry: Registry, local: LocalTier, remote: RemoteTier | None,
                  gpu: GpuControl, criu_version: str, *, allowed_roots: Sequence[Path] = (),
                  forbidden_roots: Sequence[Path] = (), shares: Sequence[ConfiguredShare] = (),
-                 fetcher: Fetcher | None = None) -> None:
+                 fetcher: Fetcher | None = None, lazy_pages: bool = False) -> None:
         self._registry = registry
         self._local = local
         self._remote = remote
@@ -67,10 +77,21 @@ class RestorePreparer:
         self._allowed_roots = tuple(allowed_roots)
         self._forbidden_roots = tuple(forbidden_roots)
         self._configured_shares = tuple(shares)
+        self.verifications = PendingVerifications()
+        self._lazy_pages = lazy_pages
 
-    async def from_containerd(self, directory: Path) -> PreparedRestore:
+    def lazy(self, asked: bool | None) -> bool:
+        """Whether a restore uses lazy pages: the container's choice, else the node's."""
+        return self._lazy_pages if asked is None else asked
+
+    async def from_containerd(self, directory: Path, requester: Party | None = None, *,
+                              defer_pages: bool = False,
+                              holder: tuple[InUse, str, float] | None = None) -> PreparedRestore:
         """containerd's unpacked checkpoint (its content store already decided who may
-        read it)."""
+        read it). When it is a copy of a checkpoint this node committed and sealed,
+        and the requester may restore that one, the sealed local copy is restored
+        instead: the same bytes, already verified, where containerd's copy would have
+        to be hashed in full."""
         if not directory.is_absolute():
             raise InvalidArgument(f"restore: checkpoint directory {directory} must be absolute")
         if not (directory / METADATA_FILE).exists():
@@ -78,21 +99,69 @@ class RestorePreparer:
             # containerd, and only once they pass foreign_checkpoint's checks.
             metadata = await asyncio.to_thread(verify_foreign, directory)
             return await self._fit(directory, metadata)
-        return await self._verified(directory)
+        if requester is not None:
+            local = await self._sealed_local_copy(directory, requester, defer_pages, holder)
+            if local is not None:
+                return local
+        return await self._verified(directory, defer_pages=defer_pages)
 
-    async def from_host_directory(self, directory: Path) -> PreparedRestore:
+    async def _sealed_local_copy(self, directory: Path, requester: Party, defer_pages: bool,
+                                 holder: tuple[InUse, str, float] | None) -> PreparedRestore | None:
+        try:
+            offered = await asyncio.to_thread(commit.read_metadata, directory)
+        except KybernateError:
+            return None  # verification of containerd's copy says what is wrong with it
+        checkpoint_id = str(offered.get("id", ""))
+        if not naming.is_checkpoint_id(checkpoint_id):
+            return None
+        if defer_pages and self._local.in_flight.running(checkpoint_id):
+            # Its Checkpoint call returned before its commit (fsync, seal) ended: the
+            # disk is busy with it, and containerd's copy, hashed while CRIU restores,
+            # costs the restore less than waiting for it.
+            return None
+        try:
+            async with asyncio.timeout(LOCAL_COMMIT_WAIT_S):
+                await self._local.in_flight.wait(checkpoint_id)
+        except TimeoutError:
+            return None
+        if not self._local.has(checkpoint_id):
+            return None
+        try:
+            row = await self._registry.get(checkpoint_id)
+            shares = [*await self._registry.shares(row.id), *self._shares_of(row.id, row.qualified_name)]
+            access.check_restore(f"checkpoint {checkpoint_id}", row.owner, requester, shares)
+        except KybernateError:
+            return None  # not the requester's to take from here: containerd's copy is
+        if holder is not None:  # in use from here: nothing removes it under the restore
+            inuse, user, ttl_s = holder
+            inuse.hold(checkpoint_id, user, ttl_s)
+        local_dir = self._local.committed(checkpoint_id)
+        sealed = await asyncio.to_thread(self._local.seals.matching, checkpoint_id, local_dir)
+        try:
+            local_metadata = await asyncio.to_thread(commit.read_metadata, local_dir)
+        except KybernateError:
+            return None
+        if not sealed or local_metadata.get("files") != offered.get("files"):
+            return None
+        log.info("restore: %s is a copy of checkpoint %s, sealed in the local tier; restoring that",
+                 directory, checkpoint_id)
+        return await self._verified(local_dir, local_id=checkpoint_id, defer_pages=defer_pages)
+
+    async def from_host_directory(self, directory: Path, *, defer_pages: bool = False) -> PreparedRestore:
         real = access.allowed_directory(directory, self._allowed_roots, forbidden=self._forbidden_roots)
-        return await self._verified(real)
+        return await self._verified(real, defer_pages=defer_pages)
 
     async def from_registry(self, reference: str, requester: Party, *,
-                            holder: tuple[InUse, str, float] | None = None) -> PreparedRestore:
-        """A registry checkpoint `requester` may restore, fetched if need be, verified.
-        `holder` (in-use tracker, user, seconds) marks it in use from the moment it is
-        known until the caller releases it, or the seconds pass."""
+                            holder: tuple[InUse, str, float] | None = None,
+                            defer_pages: bool = False) -> PreparedRestore:
+        """A registry checkpoint `requester` may restore, fetched if need be, verified
+        (a local copy through its seals, see `_verified`). `holder` (in-use tracker,
+        user, seconds) marks it in use from the moment it is known until the caller
+        releases it, or the seconds pass."""
         located = await self.locate(reference, requester, holder=holder)
-        if located.verified is not None:  # downloaded and verified just now
+        if located.verified is not None:  # downloaded and verified (and sealed) just now
             return await self._fit(located.directory, located.verified)
-        prepared = await self._verified(located.directory)
+        prepared = await self._verified(located.directory, local_id=located.row.id, defer_pages=defer_pages)
         if prepared.checkpoint_id != located.row.id or Party.of_metadata(prepared.metadata) != located.row.owner:
             raise DataLoss(f"checkpoint {located.row.id}: {located.directory} holds another checkpoint"
                            f" ({prepared.checkpoint_id or 'no id'}); refusing it")
@@ -128,8 +197,11 @@ class RestorePreparer:
         return Located(row, directory, await asyncio.to_thread(commit.read_metadata, directory))
 
     async def _committed(self, row: CheckpointRow) -> CheckpointRow:
-        """The row, committed: a registry that lags behind the disk (the agent stopped
-        between the rename and the row's update) is brought up to date here."""
+        """The row, committed: a commit still running (the Checkpoint call returned
+        at EXPORTED) is waited for, and a registry that lags behind the disk (the
+        agent stopped between the rename and the row's update) is brought up to date."""
+        if row.state is CheckpointState.STAGING and await self._local.in_flight.wait(row.id):
+            row = await self._registry.get(row.id)
         if row.state is CheckpointState.COMMITTED:
             return row
         if self._local.has(row.id):
@@ -183,9 +255,38 @@ class RestorePreparer:
     def _shares_of(self, checkpoint_id: str, qualified_name: str) -> list[access.Share]:
         return access.configured_shares(self._configured_shares, checkpoint_id, qualified_name)
 
-    async def _verified(self, directory: Path) -> PreparedRestore:
-        metadata = await asyncio.to_thread(commit.verify, directory, criu_version=self._criu_version)
-        return await self._fit(directory, metadata)
+    async def _verified(self, directory: Path, *, local_id: str | None = None,
+                        defer_pages: bool = False) -> PreparedRestore:
+        """Verify `directory`; a checkpoint of the local tier (`local_id`) is hashed
+        only where its seal no longer matches, and sealed again once it verified.
+        With `defer_pages` the pages images that need a hash are hashed in the
+        background (see `kybernate.agent.verification`) after everything else."""
+        sealed = (await asyncio.to_thread(self._local.seals.matching, local_id, directory)
+                  if local_id is not None else frozenset())
+        deferred: set[str] = set()
+        if defer_pages:
+            listed = (await asyncio.to_thread(commit.read_metadata, directory))["files"]
+            deferred = deferrable(listed) - sealed
+        metadata = await asyncio.to_thread(commit.verify, directory, criu_version=self._criu_version,
+                                           trusted=sealed, deferred=deferred)
+        every = {*metadata["files"], layout.METADATA_FILE}
+        reseal = local_id is not None and not every <= sealed
+
+        def seal_again() -> None:
+            assert local_id is not None
+            try:
+                self._local.seals.record(local_id, directory, every)
+            except OSError as exc:
+                log.warning("checkpoint %s verified, but sealing it failed: %s", local_id, exc)
+
+        verification_id = ""
+        if deferred:
+            expected = {rel: metadata["files"][rel]["sha256"] for rel in deferred}
+            verification_id = self.verifications.start(directory, expected, seal_again if reseal else None)
+        elif reseal:
+            await asyncio.to_thread(seal_again)
+        prepared = await self._fit(directory, metadata)
+        return dataclasses.replace(prepared, verification_id=verification_id, deferred_files=tuple(sorted(deferred)))
 
     async def _fit(self, directory: Path, metadata: dict[str, Any]) -> PreparedRestore:
         gpu_map = await self._gpu.restore_fit(metadata)

@@ -119,9 +119,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             while not finished:
                 message, delivered = await progress.next()
+                # Decided before the yield: a client that leaves once it has its last
+                # message must not cancel a pipeline that goes on (the commit).
+                finished = message.phase in (agent_pb2.FAILED, agent_pb2.COMMITTED) or (
+                    message.phase == agent_pb2.EXPORTED and request.return_after_export)
                 yield message
                 delivered.set_result(None)
-                finished = message.phase in (agent_pb2.FAILED, agent_pb2.COMMITTED)
             if message.phase == agent_pb2.FAILED:
                 await context.abort(grpc_code(message.error_code), message.error_message)
         finally:
@@ -138,18 +141,26 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         user = _restore_user(request)
         holder = (self._inuse, user, self._deps.config.restore_hold_s)
         try:
+            lazy = self._preparer.lazy(request.lazy_pages if request.HasField("lazy_pages") else None)
+            # A lazy-pages daemon serves pages straight from the images: nothing deferred.
+            defer = request.defer_pages and not lazy
             if source == "directory":
-                prepared = await self._preparer.from_containerd(Path(request.directory))
+                prepared = await self._preparer.from_containerd(
+                    Path(request.directory), _requester(request) if request.namespace else None,
+                    defer_pages=defer, holder=holder)
             elif source == "host_directory":
-                prepared = await self._preparer.from_host_directory(Path(request.host_directory))
+                prepared = await self._preparer.from_host_directory(Path(request.host_directory),
+                                                                    defer_pages=defer)
             elif source == "checkpoint" and request.checkpoint.startswith(OCI_SCHEME):
                 requester = _requester(request)
                 imported = await self._oci.import_image(request.checkpoint[len(OCI_SCHEME):], requester, "",
                                                         TransferMeter())
                 self._inuse.hold(imported.row.id, user, self._deps.config.restore_hold_s)
-                prepared = await self._preparer.from_registry(imported.row.id, requester, holder=holder)
+                prepared = await self._preparer.from_registry(imported.row.id, requester, holder=holder,
+                                                              defer_pages=defer)
             elif source == "checkpoint":
-                prepared = await self._preparer.from_registry(request.checkpoint, _requester(request), holder=holder)
+                prepared = await self._preparer.from_registry(request.checkpoint, _requester(request), holder=holder,
+                                                              defer_pages=defer)
             else:
                 raise InvalidArgument("restore: name a checkpoint directory or a registry checkpoint")
         except KybernateError:
@@ -162,7 +173,20 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self._deps.metrics.restore_step("prepare", "ok")
         return agent_pb2.PrepareRestoreResponse(
             image_dir=str(prepared.image_dir), metadata_json=metadata_json(prepared.metadata),
-            gpu_map=prepared.gpu_map, checkpoint_id=prepared.checkpoint_id)
+            gpu_map=prepared.gpu_map, checkpoint_id=prepared.checkpoint_id,
+            verification_id=prepared.verification_id, deferred_files=prepared.deferred_files,
+            lazy_pages=lazy)
+
+    @status_from_errors
+    async def AwaitVerification(self, request: agent_pb2.AwaitVerificationRequest
+                                ) -> agent_pb2.AwaitVerificationResponse:
+        try:
+            await self._preparer.verifications.wait(request.verification_id)
+        except KybernateError:
+            self._deps.metrics.restore_step("verify", "failed")
+            raise
+        self._deps.metrics.restore_step("verify", "ok")
+        return agent_pb2.AwaitVerificationResponse()
 
     @status_from_errors
     async def CompleteRestore(self, request: agent_pb2.CompleteRestoreRequest) -> agent_pb2.CompleteRestoreResponse:

@@ -137,6 +137,12 @@ class AgentClient:
 
         return await self._unary("PrepareRestore", request, timeout, agent_pb2.PrepareRestoreResponse)
 
+    async def await_verification(self, request: agent_pb2.AwaitVerificationRequest, *,
+                                 timeout: float | None = None) -> agent_pb2.AwaitVerificationResponse:
+        from kybernate.protos import agent_pb2
+
+        return await self._unary("AwaitVerification", request, timeout, agent_pb2.AwaitVerificationResponse)
+
     async def complete_restore(self, request: agent_pb2.CompleteRestoreRequest, *,
                                timeout: float | None = None) -> agent_pb2.CompleteRestoreResponse:
         from kybernate.protos import agent_pb2

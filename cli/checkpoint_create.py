@@ -15,12 +15,22 @@ its registry, ready for pods to restore with `io.kybernate.restore-from`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from kybernate.api.client import DEFAULT_SOCKET, AgentClient
 from kybernate.cli.containerd_api import CRI_NAMESPACE, DEFAULT_ADDRESS, ContainerdClient
-from kybernate.errors import InvalidArgument, KybernateError
+from kybernate.errors import DeadlineExceeded, InvalidArgument, KybernateError
+
+if TYPE_CHECKING:
+    from kybernate.protos.agent_pb2 import CheckpointRecord
+
+#: How long the local commit (fsync and seal, after the task runs again) may take.
+COMMIT_WAIT_S = 600.0
+COMMIT_POLL_S = 0.05
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -38,6 +48,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="let this namespace restore it too (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the checkpoint's record as JSON")
     return parser.parse_args(list(argv))
+
+
+async def committed_record(agent: AgentClient, reference: str) -> CheckpointRecord:
+    """The checkpoint's record once committed: the shim returns at EXPORTED, before
+    the agent's commit (fsync, seal) that follows once the container runs again."""
+    from kybernate.protos import agent_pb2
+
+    deadline = time.monotonic() + COMMIT_WAIT_S
+    while True:
+        record = (await agent.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=reference))).record
+        if record.state != "staging":
+            break
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"{reference}: not committed after {COMMIT_WAIT_S:.0f}s")
+        await asyncio.sleep(COMMIT_POLL_S)
+    if record.state != "committed":
+        raise KybernateError(f"{reference}: the checkpoint's commit failed (state {record.state})")
+    return record
 
 
 async def create(args: argparse.Namespace) -> int:
@@ -65,7 +93,7 @@ async def create(args: argparse.Namespace) -> int:
             namespace, _, pod_namespace = grantee.partition("/")
             await agent.share_checkpoint(agent_pb2.ShareCheckpointRequest(
                 checkpoint=reference, namespace=namespace, pod_namespace=pod_namespace))
-        record = (await agent.inspect_checkpoint(agent_pb2.InspectCheckpointRequest(checkpoint=reference))).record
+        record = await committed_record(agent, reference)
     if record.container_id != container.id:
         raise KybernateError(f"{reference} is not a checkpoint of {container.id} (another client named one so?)")
     if args.json:

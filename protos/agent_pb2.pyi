@@ -19,6 +19,7 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMMITTED: _ClassVar[Phase]
     FAILED: _ClassVar[Phase]
     ADMITTED: _ClassVar[Phase]
+    EXPORTED: _ClassVar[Phase]
 
 class ContainerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +38,7 @@ RESUMED: Phase
 COMMITTED: Phase
 FAILED: Phase
 ADMITTED: Phase
+EXPORTED: Phase
 CONTAINER_STATE_UNSPECIFIED: ContainerState
 UNTOUCHED: ContainerState
 RESTORED: ContainerState
@@ -64,7 +66,7 @@ class CheckpointOptions(_message.Message):
     def __init__(self, exit: _Optional[bool] = ..., open_tcp: _Optional[bool] = ..., external_unix_sockets: _Optional[bool] = ..., terminal: _Optional[bool] = ..., file_locks: _Optional[bool] = ..., rootfs_diff: _Optional[bool] = ..., gpu_lock_timeout_ms: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("container_id", "namespace", "bundle", "runc_root", "init_pid", "destination", "name", "options", "image_ref", "labels", "pod_namespace", "work_path")
+    __slots__ = ("container_id", "namespace", "bundle", "runc_root", "init_pid", "destination", "name", "options", "image_ref", "labels", "pod_namespace", "work_path", "return_after_export")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +86,7 @@ class CheckpointRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WORK_PATH_FIELD_NUMBER: _ClassVar[int]
+    RETURN_AFTER_EXPORT_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     namespace: str
     bundle: str
@@ -96,7 +99,8 @@ class CheckpointRequest(_message.Message):
     labels: _containers.ScalarMap[str, str]
     pod_namespace: str
     work_path: str
-    def __init__(self, container_id: _Optional[str] = ..., namespace: _Optional[str] = ..., bundle: _Optional[str] = ..., runc_root: _Optional[str] = ..., init_pid: _Optional[int] = ..., destination: _Optional[str] = ..., name: _Optional[str] = ..., options: _Optional[_Union[CheckpointOptions, _Mapping]] = ..., image_ref: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pod_namespace: _Optional[str] = ..., work_path: _Optional[str] = ...) -> None: ...
+    return_after_export: bool
+    def __init__(self, container_id: _Optional[str] = ..., namespace: _Optional[str] = ..., bundle: _Optional[str] = ..., runc_root: _Optional[str] = ..., init_pid: _Optional[int] = ..., destination: _Optional[str] = ..., name: _Optional[str] = ..., options: _Optional[_Union[CheckpointOptions, _Mapping]] = ..., image_ref: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., pod_namespace: _Optional[str] = ..., work_path: _Optional[str] = ..., return_after_export: _Optional[bool] = ...) -> None: ...
 
 class CheckpointProgress(_message.Message):
     __slots__ = ("phase", "checkpoint_id", "local_path", "elapsed_ms", "error_code", "error_message", "container_state", "cuda_pids")
@@ -119,23 +123,27 @@ class CheckpointProgress(_message.Message):
     def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., checkpoint_id: _Optional[str] = ..., local_path: _Optional[str] = ..., elapsed_ms: _Optional[int] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., container_state: _Optional[_Union[ContainerState, str]] = ..., cuda_pids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrepareRestoreRequest(_message.Message):
-    __slots__ = ("directory", "checkpoint", "host_directory", "namespace", "pod_namespace", "container_id")
+    __slots__ = ("directory", "checkpoint", "host_directory", "namespace", "pod_namespace", "container_id", "defer_pages", "lazy_pages")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     HOST_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEFER_PAGES_FIELD_NUMBER: _ClassVar[int]
+    LAZY_PAGES_FIELD_NUMBER: _ClassVar[int]
     directory: str
     checkpoint: str
     host_directory: str
     namespace: str
     pod_namespace: str
     container_id: str
-    def __init__(self, directory: _Optional[str] = ..., checkpoint: _Optional[str] = ..., host_directory: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., container_id: _Optional[str] = ...) -> None: ...
+    defer_pages: bool
+    lazy_pages: bool
+    def __init__(self, directory: _Optional[str] = ..., checkpoint: _Optional[str] = ..., host_directory: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., container_id: _Optional[str] = ..., defer_pages: _Optional[bool] = ..., lazy_pages: _Optional[bool] = ...) -> None: ...
 
 class PrepareRestoreResponse(_message.Message):
-    __slots__ = ("image_dir", "metadata_json", "gpu_map", "checkpoint_id")
+    __slots__ = ("image_dir", "metadata_json", "gpu_map", "checkpoint_id", "verification_id", "deferred_files", "lazy_pages")
     class GpuMapEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -147,11 +155,17 @@ class PrepareRestoreResponse(_message.Message):
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     GPU_MAP_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_FILES_FIELD_NUMBER: _ClassVar[int]
+    LAZY_PAGES_FIELD_NUMBER: _ClassVar[int]
     image_dir: str
     metadata_json: str
     gpu_map: _containers.ScalarMap[str, str]
     checkpoint_id: str
-    def __init__(self, image_dir: _Optional[str] = ..., metadata_json: _Optional[str] = ..., gpu_map: _Optional[_Mapping[str, str]] = ..., checkpoint_id: _Optional[str] = ...) -> None: ...
+    verification_id: str
+    deferred_files: _containers.RepeatedScalarFieldContainer[str]
+    lazy_pages: bool
+    def __init__(self, image_dir: _Optional[str] = ..., metadata_json: _Optional[str] = ..., gpu_map: _Optional[_Mapping[str, str]] = ..., checkpoint_id: _Optional[str] = ..., verification_id: _Optional[str] = ..., deferred_files: _Optional[_Iterable[str]] = ..., lazy_pages: _Optional[bool] = ...) -> None: ...
 
 class CompleteRestoreRequest(_message.Message):
     __slots__ = ("container_id", "init_pid", "gpu_map")
@@ -419,5 +433,15 @@ class ReserveCheckpointRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., container_id: _Optional[str] = ..., name: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., release: _Optional[bool] = ...) -> None: ...
 
 class ReserveCheckpointResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AwaitVerificationRequest(_message.Message):
+    __slots__ = ("verification_id",)
+    VERIFICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    verification_id: str
+    def __init__(self, verification_id: _Optional[str] = ...) -> None: ...
+
+class AwaitVerificationResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

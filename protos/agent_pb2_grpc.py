@@ -119,6 +119,11 @@ class AgentStub:
                 request_serializer=kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointRequest.SerializeToString,
                 response_deserializer=kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointResponse.FromString,
                 _registered_method=True)
+        self.AwaitVerification = channel.unary_unary(
+                '/kybernate.agent.v1.Agent/AwaitVerification',
+                request_serializer=kybernate_dot_protos_dot_agent__pb2.AwaitVerificationRequest.SerializeToString,
+                response_deserializer=kybernate_dot_protos_dot_agent__pb2.AwaitVerificationResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -250,6 +255,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AwaitVerification(self, request, context):
+        """Waits for the background verification a PrepareRestore with defer_pages started;
+        DATA_LOSS naming the file that failed its checksum.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -337,6 +350,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ReserveCheckpoint,
                     request_deserializer=kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointRequest.FromString,
                     response_serializer=kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointResponse.SerializeToString,
+            ),
+            'AwaitVerification': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitVerification,
+                    request_deserializer=kybernate_dot_protos_dot_agent__pb2.AwaitVerificationRequest.FromString,
+                    response_serializer=kybernate_dot_protos_dot_agent__pb2.AwaitVerificationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -798,6 +816,33 @@ class Agent:
             '/kybernate.agent.v1.Agent/ReserveCheckpoint',
             kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointRequest.SerializeToString,
             kybernate_dot_protos_dot_agent__pb2.ReserveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitVerification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kybernate.agent.v1.Agent/AwaitVerification',
+            kybernate_dot_protos_dot_agent__pb2.AwaitVerificationRequest.SerializeToString,
+            kybernate_dot_protos_dot_agent__pb2.AwaitVerificationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -491,8 +491,8 @@ class RestoreStrategy(Protocol):
     async def restore(self, process: InitProcess) -> int: ...
 
     async def release(self, process: InitProcess) -> None:
-        """The init is deleted without its restore having run: let go of what Create
-        prepared for it (a temporary copy of the images)."""
+        """The init is deleted (restored or not): let go of what Create prepared for it
+        (a temporary copy of the images), or wait until that is done."""
 
 
 class RuncRestore:
@@ -616,8 +616,8 @@ class InitProcess(Process):
     async def delete(self) -> Exit:
         """`runc delete`, close stdio; the exit (unknown status if it never exited)."""
         async with self._operation(Operation.DELETE):
-            if self.checkpoint_dir and self._pid == 0:
-                await self.restore_strategy.release(self)  # its restore never ran
+            if self.checkpoint_dir:
+                await self.restore_strategy.release(self)  # the images' copy, restored or not
             # runc first: deleting a created container kills its init, which is what
             # lets the stdio copy see end of file.
             try:

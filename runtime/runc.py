@@ -137,11 +137,14 @@ class Runc:
                       tcp_established: bool = False, ext_unix_sk: bool = False,
                       file_locks: bool = False, detach: bool = True, no_pivot: bool = False,
                       manage_cgroups_mode: str | None = None,
-                      empty_namespaces: Sequence[str] = ()) -> None:
-        """`runc restore` from CRIU images; the restored init is our child (no --no-subreaper)."""
+                      empty_namespaces: Sequence[str] = (), lazy_pages: bool = False) -> None:
+        """`runc restore` from CRIU images; the restored init is our child (no --no-subreaper).
+        With `lazy_pages` a `criu lazy-pages` daemon must listen in `work_path`."""
         args = ["restore"]
         if detach:
             args.append("--detach")
+        if lazy_pages:
+            args.append("--lazy-pages")
         args += _criu_flags(image_path, work_path, tcp_established=tcp_established, ext_unix_sk=ext_unix_sk,
                             file_locks=file_locks, manage_cgroups_mode=manage_cgroups_mode,
                             empty_namespaces=empty_namespaces)

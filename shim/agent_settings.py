@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 ANNOTATION_AGENT_SOCKET = "io.kybernate.agent-socket"
 ANNOTATION_RESTORE_FROM = "io.kybernate.restore-from"
+#: true: restore with CRIU's lazy pages (the task runs before its memory is in);
+#: false: never; absent: the node agent's `[restore] lazy_pages`.
+ANNOTATION_RESTORE_LAZY = "io.kybernate.restore.lazy"
 CHECKPOINT_ANNOTATION_PREFIX = "io.kybernate.checkpoint."
 ENV_AGENT_SOCKET = "KYBERNATE_AGENT_SOCKET"
 #: Set by containerd's CRI plugin on every container of a pod: the pod's namespace.
@@ -159,6 +162,12 @@ def agent_checkpoint_options(settings: ContainerCheckpointSettings,
     elif settings.tcp_established is not None:
         options.open_tcp = settings.tcp_established
     return options
+
+
+def restore_lazy(spec: Mapping[str, Any]) -> bool | None:
+    """The `io.kybernate.restore.lazy` annotation; None when absent (the node decides)."""
+    text = spec_annotations(spec).get(ANNOTATION_RESTORE_LAZY)
+    return None if text is None else _bool(ANNOTATION_RESTORE_LAZY, text)
 
 
 def restore_from(spec: Mapping[str, Any]) -> str:

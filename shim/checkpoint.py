@@ -9,7 +9,11 @@ shim decides is what happens to the container when the pipeline does not finish:
 | the agent's refusal of the request (before ACCEPTED) | untouched | the agent's error |
 | FAILED with UNTOUCHED, RESTORED or EXITED | as the agent says: as it was, or exited | the agent's error (CRIU's line) |
 | FAILED with MUST_KILL; the stream broke; the agent hung past the deadline; a Kill arrived, all before RESUMED | SIGKILLed at once; the reaper publishes the exit | FailedPrecondition / Unavailable / DeadlineExceeded / Cancelled naming the phase and the kill |
-| RESUMED, then no COMMITTED | running as before | the cause; the agent commits or fails the checkpoint on its own |
+| RESUMED, then no EXPORTED | running as before | the cause; the agent commits or fails the checkpoint on its own |
+
+The shim asks the agent to end the stream at EXPORTED (images and metadata.json in
+containerd's path): containerd keeps the task paused until Checkpoint returns, and the
+agent's own commit (fsync, metadata.json, seal) needs no paused task.
 
 Once the stream is open the agent may act on the container at any moment, and a
 broken stream can lose its last messages: so without the agent's own word that the
@@ -83,7 +87,7 @@ def _safe_after(phase: int) -> bool:
     """Whether the agent said the container is back (resumed as it was) or done with."""
     from kybernate.protos import agent_pb2
 
-    return phase in (agent_pb2.RESUMED, agent_pb2.COMMITTED)
+    return phase in (agent_pb2.RESUMED, agent_pb2.EXPORTED, agent_pb2.COMMITTED)
 
 
 #: What gRPC says when the connection broke rather than the agent answering: after
@@ -118,7 +122,10 @@ class AgentCheckpointer:
             pod_namespace=annotations.get(POD_NAMESPACE_ANNOTATION, ""),
             # runc's shim hands CRIU this as its work directory; containerd 2.x's CRI
             # names it only to runc's runtime, so the shim finds CRI's own.
-            work_path=options.work_path or str(cri_checkpoint_dir(container.spec, container.id) or ""))
+            work_path=options.work_path or str(cri_checkpoint_dir(container.spec, container.id) or ""),
+            # containerd keeps the task paused until we return: the agent's commit
+            # (fsync, seal) follows on its own once the task runs again.
+            return_after_export=True)
 
     async def checkpoint(self, container: Container, path: str,
                          options: CheckpointRequestOptions) -> None:
@@ -201,6 +208,12 @@ class _CheckpointRun:
                         self.committed = self.finished = True
                         log.info("checkpoint of %s committed as %s at %s", container.id,
                                  progress.checkpoint_id, progress.local_path)
+                    elif progress.phase == agent_pb2.EXPORTED and request.return_after_export:
+                        # The images are in containerd's path; the agent commits its
+                        # own copy once containerd has resumed the task.
+                        self.committed = self.finished = True
+                        log.info("checkpoint of %s exported as %s; the agent commits it next",
+                                 container.id, progress.checkpoint_id)
         except KybernateError as err:
             await self._failed(err)
             return
@@ -208,7 +221,7 @@ class _CheckpointRun:
             await self._failed(error_from_status(self.failure.error_code or StatusCode.INTERNAL,
                                                  self.failure.error_message))
         elif not self.finished:
-            await self._failed(Unavailable("the stream ended before COMMITTED"))
+            await self._failed(Unavailable("the stream ended before EXPORTED"))
 
     async def _failed(self, err: KybernateError) -> None:
         """Apply the kill policy to a pipeline that did not commit, then raise."""

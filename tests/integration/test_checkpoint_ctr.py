@@ -16,14 +16,17 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.support.agent import AgentProcess, running_agent, temporary_workdir
@@ -31,6 +34,7 @@ from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
 from tests.support.events import CtrEvents
 from tests.support.images import build_oci_archive, import_image
 from tests.support.waiting import wait_for as _wait
+from tests.support.processes import GONE
 from tests.support.workloads import memhold_files
 
 pytestmark = pytest.mark.integration
@@ -351,12 +355,18 @@ def _pipe_stdio() -> tuple[list[int], tuple[int, int, int]]:
     return [stdin_r, stdin_w, out_r, out_w, err_r, err_w], (stdin_r, out_w, err_w)
 
 
-def _checkpoint_of(agent: AgentProcess, container_id: str) -> Path:
-    for directory in reversed(agent.committed_checkpoints()):
-        metadata = json.loads((directory / "metadata.json").read_text())
-        if metadata["container"]["id"] == container_id:
-            return directory
-    raise AssertionError(f"no committed checkpoint of {container_id} in {agent.local_tier}")
+def _checkpoint_of(agent: AgentProcess, container_id: str, timeout: float = 60.0) -> Path:
+    """The agent's committed checkpoint of `container_id`: Checkpoint returns once
+    containerd has the images, and the agent's commit follows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for directory in reversed(agent.committed_checkpoints()):
+            metadata = json.loads((directory / "metadata.json").read_text())
+            if metadata["container"]["id"] == container_id:
+                return directory
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no committed checkpoint of {container_id} in {agent.local_tier}")
+        time.sleep(0.05)
 
 
 def test_our_images_restore_with_stock_runc_and_with_our_shim(
@@ -603,3 +613,91 @@ def test_writable_layer_opt_out_by_annotation(
     metadata = json.loads((_checkpoint_of(agent, container_id) / "metadata.json").read_text())
     assert metadata["options"]["rootfs_diff"] is False and "rootfs-diff.tar" not in metadata["files"]
     _remove(containerd, container_id)
+
+
+# ---- lazy restore: the task runs before its memory is in (CRIU's lazy pages) --------------
+
+#: Large enough that the daemon is still copying when the test kills it.
+LAZY_MIB = 1024
+LAZY_WORKLOAD = (
+    f"/bin/memhold {LAZY_MIB} 11 /tmp/memhold & "
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+)
+
+
+def daemons_of(bundle: Path) -> list[int]:
+    """Live `criu lazy-pages` processes working for this bundle's restore."""
+    return [proc.pid for proc in psutil.process_iter(["cmdline", "status"])
+            if "lazy-pages" in (proc.info["cmdline"] or []) and proc.info["status"] not in GONE
+            and any(str(bundle) in arg for arg in proc.info["cmdline"])]
+
+
+def checkpointed_counter(containerd: AgentContainerd, agent: AgentProcess, source: str) -> tuple[str, int, int]:
+    """(registry name, count, memhold rounds) of a counter checkpointed with `exit`."""
+    containerd.run(source, "sh", "-c", LAZY_WORKLOAD, options=("--annotation", "io.kybernate.checkpoint.exit=true"))
+    _wait("memhold to verify once", lambda: _memhold_rounds(containerd, source) >= 1, timeout=120)
+    count, rounds = _count(containerd, source), _memhold_rounds(containerd, source)
+    result = containerd.ctr("task", "checkpoint", source, timeout=300)
+    assert result.returncode == 0, result.stderr
+    containerd.ctr("images", "rm", "--sync", result.stdout.strip().splitlines()[-1])
+    name = str(json.loads((_checkpoint_of(agent, source) / "metadata.json").read_text())["name"])
+    _wait(f"{source} to stop", lambda: containerd.task_status(source) == "STOPPED")
+    containerd.ctr("task", "delete", source, check=True)
+    containerd.ctr("containers", "rm", source, check=True)
+    return name, count, rounds
+
+
+def lazy_run(containerd: AgentContainerd, container_id: str, name: str) -> None:
+    containerd.run(container_id, "sh", "-c", "exit 99", options=(
+        "--annotation", f"io.kybernate.restore-from={name}", "--annotation", "io.kybernate.restore.lazy=true"))
+
+
+def test_a_lazy_restore_runs_at_once_and_the_daemon_brings_every_page(
+        containerd: AgentContainerd, agent: AgentProcess, names: Callable[[str], str]) -> None:
+    name, count, rounds = checkpointed_counter(containerd, agent, names("lazysrc"))
+    restored = names("lazy")
+    lazy_run(containerd, restored, name)
+    assert containerd.task_status(restored) == "RUNNING"
+    _assert_continues(containerd, restored, count_at_least=count, rounds_above=rounds)
+    bundle = containerd.bundle(restored)
+    _wait("the lazy-pages daemon to finish", lambda: not daemons_of(bundle), timeout=120)
+    assert "lazy" in (bundle / "criu-restore" / "restore.log").read_text(errors="replace")
+    # Every page arrived: memhold verifies its whole pattern again, and goes on.
+    later = _memhold_rounds(containerd, restored)
+    _wait("memhold to verify after the daemon left", lambda: _memhold_rounds(containerd, restored) > later, timeout=30)
+    assert containerd.task_status(restored) == "RUNNING"
+
+
+def kill_daemon_once_running(containerd: AgentContainerd, container_id: str, killed: list[int]) -> None:
+    """As soon as the shim says the restored task runs while the daemon brings its memory
+    in, SIGKILL that daemon (recording its pid if it was still alive then)."""
+    deadline = time.monotonic() + 120
+    bundle = containerd.bundle(container_id)
+    while time.monotonic() < deadline:
+        text = containerd.log_path.read_text(errors="replace")
+        if f"restore of {container_id}: running" in text and "while criu lazy-pages" in text:
+            for pid in daemons_of(bundle):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            return
+        time.sleep(0.005)
+
+
+def test_a_page_source_killed_mid_transfer_takes_the_container_with_it(
+        containerd: AgentContainerd, agent: AgentProcess, names: Callable[[str], str]) -> None:
+    name, _, _ = checkpointed_counter(containerd, agent, names("lazysrc"))
+    doomed = names("lazykill")
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_daemon_once_running, args=(containerd, doomed, killed))
+    killer.start()
+    containerd.ctr("run", "-d", "--runtime", KYBERNATE_RUNTIME, "--annotation", f"io.kybernate.restore-from={name}",
+                   "--annotation", "io.kybernate.restore.lazy=true", IMAGE_REF, doomed, "sh", "-c", "exit 99")
+    killer.join()
+    # Alive when killed: it exits by itself only once every page is in.
+    assert len(killed) == 1, "the daemon had finished before the test could kill it (raise LAZY_MIB)"
+    _wait(f"{doomed} to be killed", lambda: containerd.task_status(doomed) == "STOPPED", timeout=60)
+    cgroups = list(Path("/sys/fs/cgroup/pids").glob(f"**/{doomed}/cgroup.procs"))
+    deadline = time.monotonic() + 10
+    while any(p.exists() and p.read_text().split() for p in cgroups):
+        assert time.monotonic() < deadline, "a restored process outlived its page source"
+        time.sleep(0.05)

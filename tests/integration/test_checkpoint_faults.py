@@ -40,6 +40,7 @@ from kybernate.api.client import AgentClient
 from kybernate.cuda.fake import ENV_TOKEN
 from kybernate.protos import agent_pb2
 from kybernate.shim.agent_settings import ANNOTATION_AGENT_SOCKET, ANNOTATION_RESTORE_FROM
+from kybernate.shim.verification_gate import SCRIPT_NAME
 
 from tests.support.agent import AgentProcess, stopped_on_exit, temporary_workdir
 from tests.support.cgroups import cgroup_pids, container_cgroups, freezer_state
@@ -567,12 +568,18 @@ def pages_image(directory: Path) -> Path:
     return pages[0]
 
 
-def committed_checkpoint_of(agent: AgentProcess, container_id: str) -> Path:
-    for directory in agent.committed_checkpoints():
-        metadata = json.loads((directory / "metadata.json").read_text())
-        if metadata.get("container", {}).get("id") == container_id:
-            return directory
-    raise AssertionError(f"no committed checkpoint of {container_id} in {agent.local_tier}")
+def committed_checkpoint_of(agent: AgentProcess, container_id: str, timeout: float = 60.0) -> Path:
+    """The agent's committed checkpoint of `container_id` (the commit follows the
+    Checkpoint call's return)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for directory in agent.committed_checkpoints():
+            metadata = json.loads((directory / "metadata.json").read_text())
+            if metadata.get("container", {}).get("id") == container_id:
+                return directory
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no committed checkpoint of {container_id} in {agent.local_tier}")
+        time.sleep(0.05)
 
 
 def assert_nothing_ran(ctd: Containerd, container_id: str) -> None:
@@ -585,11 +592,16 @@ def assert_nothing_ran(ctd: Containerd, container_id: str) -> None:
 
 
 def assert_restore_never_ran(ctd: Containerd, container_id: str) -> None:
-    """Refused at verification: runc restore was never even started (no CRIU log)."""
+    """Refused at verification, before a restored task ran an instruction: runc restore
+    never started (no CRIU log), or (a pages image, hashed while CRIU restores) CRIU
+    held the restored tasks at post-restore and killed them when the hash failed."""
     assert_nothing_ran(ctd, container_id)
     bundle = ctd.state / "io.containerd.runtime.v2.task" / ctd.namespace / container_id
     logs = list(bundle.rglob("restore.log")) if bundle.exists() else []
-    assert logs == [], f"CRIU ran for a refused restore: {logs}"
+    for log in logs:
+        text = log.read_text(errors="replace")
+        assert SCRIPT_NAME in text and "Aborting restore due to post-restore script" in text, (
+            f"CRIU ran for a refused restore without holding its tasks: {log}\n{text[-2000:]}")
 
 
 def checkpoint_into_tier(ctd: Containerd, agent: AgentProcess, container_id: str,
@@ -663,11 +675,23 @@ def test_restore_of_a_tampered_content_store_checkpoint_is_refused(
     name, offset, size = pages_member(blob)
     flip_bytes(blob, offset + size // 2)
 
+    # The node's own sealed copy of that checkpoint is what restores: containerd's
+    # copy (listing the same files and digests) is never read.
+    local = committed_checkpoint_of(agent, original)
+    offset_log = len(agent.log())
     restored = new_id()
-    result = ctd.ctr("containers", "restore", "--live", restored, ref, timeout=120)
+    ctd.ctr("containers", "restore", "--live", restored, ref, check=True, timeout=120)
+    assert f"is a copy of checkpoint {local.name}, sealed in the local tier" in agent.log()[offset_log:]
+    assert ctd.task_status(restored) == "RUNNING"
+    remove_container(ctd, restored)
+
+    # Without it, containerd's copy is verified, and refused naming the file.
+    shutil.rmtree(local)
+    refused = new_id()
+    result = ctd.ctr("containers", "restore", "--live", refused, ref, timeout=120)
     assert result.returncode != 0, f"a tampered checkpoint was restored:\n{result.stdout}"
     assert Path(name).name in result.stderr, result.stderr
-    assert_restore_never_ran(ctd, restored)
+    assert_restore_never_ran(ctd, refused)
 
 
 def pages_member(blob: Path) -> tuple[str, int, int]:

@@ -9,6 +9,10 @@ CRIU (DESIGN.md, "Who may restore what").
   symlinks resolved, never the agent's own tier.
 - A `metadata.json` that lists a path leading out of its directory is refused before
   anything is read or written.
+- A checkpoint with no seal (a copy in a host directory) is restored while its pages
+  images are hashed: CRIU holds the restored tasks in its post-restore step until the
+  hash matched; an altered pages image makes CRIU kill them, Start fails naming the
+  file, and nothing restored is left running.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from kybernate.cli.checkpoint import checkpoint_share_main
+from kybernate.shim.verification_gate import SCRIPT_NAME
 
 from tests.support.agent import AgentProcess, running_agent, temporary_workdir
 from tests.support.containerd import Containerd
@@ -151,3 +157,64 @@ def test_metadata_leading_out_of_its_directory_is_refused(
     assert not planted.exists() and not Path("/etc/kybernate-planted").exists()
     for bad in ("../../etc", "a/b/c", "-x"):
         assert_refused(ctd, agent, names("badref"), bad, "refused")
+
+
+# ---- verification while CRIU restores: a copy with no seal -------------------------------
+
+COUNT_BEFORE_CHECKPOINT = 40  # the counter ticks every 0.1 s: a restart would need 4 s
+
+
+def count(ctd: Containerd, container_id: str) -> int:
+    result = ctd.ctr("task", "exec", "--exec-id", f"c{uuid.uuid4().hex[:6]}", container_id, "cat", "/tmp/count",
+                     timeout=30)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.strip() or 0)
+
+
+def copy_of_a_checkpoint(ctd: Containerd, agent: AgentProcess, golden: Path, source: str) -> Path:
+    """A counter checkpointed once it counted past COUNT_BEFORE_CHECKPOINT, copied into
+    the allowed root (a copy: no seal), the source removed."""
+    run(ctd, agent, source)
+    deadline = time.monotonic() + 60
+    while count(ctd, source) < COUNT_BEFORE_CHECKPOINT:
+        assert time.monotonic() < deadline, "the counter does not count"
+        time.sleep(0.2)
+    taken = checkpoint(ctd, agent, source)
+    remove_container(ctd, source)
+    copy = golden / f"copy-{taken['id']}"
+    shutil.copytree(taken["local_path"], copy)
+    return copy
+
+
+def restore_log(ctd: Containerd, container_id: str) -> str:
+    return (ctd.state / "io.containerd.runtime.v2.task" / ctd.namespace / container_id / "criu-restore"
+            / "restore.log").read_text(errors="replace")
+
+
+def test_an_unsealed_copy_restores_with_its_tasks_held_until_the_pages_verified(
+        ctd: Containerd, agent: AgentProcess, golden: Path, names: Callable[[str], str]) -> None:
+    copy = copy_of_a_checkpoint(ctd, agent, golden, names("src"))
+    restored = names("held")
+    run(ctd, agent, restored, restore_from=str(copy))
+    assert count(ctd, restored) >= COUNT_BEFORE_CHECKPOINT  # its memory, not a fresh start
+    assert SCRIPT_NAME in restore_log(ctd, restored)  # CRIU ran the gate at post-restore
+
+
+def test_an_altered_pages_image_kills_the_restored_tasks_and_names_the_file(
+        ctd: Containerd, agent: AgentProcess, golden: Path, names: Callable[[str], str]) -> None:
+    copy = copy_of_a_checkpoint(ctd, agent, golden, names("src"))
+    pages = max(copy.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    data = bytearray(pages.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    pages.chmod(0o644)
+    pages.write_bytes(bytes(data))
+
+    refused = names("tampered")
+    err = run(ctd, agent, refused, restore_from=str(copy), check=False)
+    assert f"{pages.name} failed its sha256 check" in err, err
+    assert "killed" in err, err
+    assert ctd.task_status(refused) in (None, "STOPPED", "CREATED", "UNKNOWN")
+    log = restore_log(ctd, refused)
+    assert SCRIPT_NAME in log and "post-restore script" in log, log[-2000:]
+    cgroup_procs = list(Path("/sys/fs/cgroup/pids").glob(f"**/{refused}/cgroup.procs"))
+    assert all(not p.read_text().split() for p in cgroup_procs), "a restored process survived"
