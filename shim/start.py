@@ -21,6 +21,14 @@ import sys
 
 from kybernate.shim.flags import ShimFlags  # already loaded by the entry point
 
+# `typing` costs `start` ~5 ms of imports; type checkers treat this name as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    #: Starts the serving process for the listening socket; its pid.
+    Launch = Callable[[ShimFlags, socket.socket], int]
+
 # containerd's defaults.DefaultStateDir + "/s": fixed, whatever --state containerd runs with.
 SOCKET_DIR = "/run/containerd/s"
 # Annotations that put several containers (a pod) behind one shim, in containerd's order.
@@ -199,9 +207,10 @@ def cgroup_mounts() -> list[tuple[frozenset[str], str, str]]:
             for m in mountinfo.read() if m.fstype in ("cgroup", "cgroup2")]
 
 
-def join_own_cgroups(pid: int) -> None:
-    """Move `pid` into every cgroup (v1 hierarchies and v2) this process is in."""
-    with open("/proc/self/cgroup") as f:
+def join_own_cgroups(pid: int, source: int | str = "self") -> None:
+    """Move `pid` into every cgroup (v1 hierarchies and v2) this process (or `source`)
+    is in."""
+    with open(f"/proc/{source}/cgroup") as f:
         mine = f.read()
     with open(f"/proc/{pid}/cgroup") as f:
         if f.read() == mine:
@@ -221,22 +230,31 @@ def join_own_cgroups(pid: int) -> None:
             f.write(str(pid))
 
 
-def start(flags: ShimFlags) -> str:
+def start(flags: ShimFlags, *, containerd_pid: int | None = None, options_bytes: bytes | None = None,
+          launch: Launch | None = None) -> str:
     """Run the `start` action; returns what to print: the address containerd should
-    connect to, in the form the containerd that runs us (our parent) reads best."""
+    connect to, in the form the containerd that runs us (our parent) reads best.
+
+    Relayed through the template (see relay.py), the worker passes what the command
+    process received: containerd's pid, stdin, and a `launch` that forks the server."""
     from kybernate.shim.bootstrap import preferred_task_api, start_output
 
-    return start_output(serve_group(flags), preferred_task_api(os.getppid()))
+    parent = os.getppid() if containerd_pid is None else containerd_pid
+    address = serve_group(flags, containerd_pid=parent, options_bytes=options_bytes,
+                          launch=launch or launch_server)
+    return start_output(address, preferred_task_api(parent))
 
 
-def serve_group(flags: ShimFlags) -> str:
+def serve_group(flags: ShimFlags, *, containerd_pid: int, options_bytes: bytes | None = None,
+                launch: Launch = launch_server) -> str:
     """Make sure a serving process listens for this container's group; its address."""
     if not flags.id:
         raise ValueError("-id is required for start")
     if not flags.address:
         raise ValueError("-address is required for start")
     bundle = flags.bundle_path
-    stdin = read_stdin_options()
+    # Relayed through the template, the command process read stdin for us.
+    stdin = read_stdin_options() if options_bytes is None else options_bytes
     params = None
     if stdin:
         from kybernate.shim.start_params import parse_start_stdin
@@ -265,10 +283,10 @@ def serve_group(flags: ShimFlags) -> str:
             from kybernate.shim.options import decode_create_options_bytes
 
             shim_cgroup = decode_create_options_bytes(params.options).shim_cgroup
-        child_pid = launch_server(flags, sock)
+        child_pid = launch(flags, sock)
         if shim_cgroup:
             move_to_cgroup(child_pid, shim_cgroup)
-        adjust_oom_score(child_pid, os.getppid())
+        adjust_oom_score(child_pid, containerd_pid)
     except BaseException:
         if child_pid:
             try:

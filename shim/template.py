@@ -26,7 +26,6 @@ the server half imports what it needs when it runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -35,6 +34,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 
 from kybernate.errors import InvalidArgument, Unavailable
+from kybernate.shim import relay
 from kybernate.shim.flags import ShimFlags
 
 # `typing` costs `start` ~5 ms of imports; type checkers treat this name as true.
@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 # Beside the shim sockets, so that containerd's state dir holds everything of ours.
-TEMPLATE_SOCKET_DIR = "/run/containerd/s"
-TEMPLATE_SOCKET_PREFIX = "kybernate-template-"
+TEMPLATE_SOCKET_DIR = relay.TEMPLATE_SOCKET_DIR
+TEMPLATE_SOCKET_PREFIX = relay.TEMPLATE_SOCKET_PREFIX
 DEFAULT_IDLE_TIMEOUT_S = 600
 # How often an idle template checks that its containerd is still there.
 LIVENESS_CHECK_S = 5.0
@@ -72,6 +72,13 @@ SERVER_MODULES = (
     "kybernate.shim.checkpoint",
     "kybernate.shim.restore",
     "kybernate.runtime.reaper",
+    # What a relayed `start` or `delete` runs in its worker.
+    "kybernate.shim.relay_worker",
+    "kybernate.shim.start",
+    "kybernate.shim.delete",
+    "kybernate.shim.bootstrap",
+    "kybernate.shim.options",
+    "kybernate.runtime.mount",
 )
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -84,11 +91,7 @@ class TemplateRefused(Unavailable):
 def template_socket_path(containerd_address: str, executable: str | None = None) -> str:
     """One template per containerd address, per kybernate version and interpreter
     (`executable`, by default this one)."""
-    from kybernate import __version__
-
-    key = "\0".join((containerd_address, __version__, executable or sys.executable))
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return os.path.join(TEMPLATE_SOCKET_DIR, TEMPLATE_SOCKET_PREFIX + digest)
+    return relay.template_socket_path(containerd_address, executable or sys.executable)
 
 
 def lock_name(socket_path: str) -> bytes:
@@ -309,9 +312,11 @@ class Template:
             try:
                 conn, _ = self._listener.accept()
             except TimeoutError:
+                reap_workers()
                 continue
             with conn:
                 stale = self._handle(conn)
+            reap_workers()
             if stale:
                 return "source changed: " + ", ".join(stale)
             idle_since = time.monotonic()
@@ -346,6 +351,8 @@ class Template:
                 os.close(fd)
             _answer(conn, {"error": f"permission denied: peer uid {uid}"})
             return []
+        if data.startswith(relay.MAGIC + b"\0"):
+            return self._relay(conn, data, fds, msg_flags)
         stale = self._stamps.changed()
         try:
             if stale:
@@ -372,6 +379,44 @@ class Template:
             os.close(fds[0])
         _answer(conn, {"pid": pid})
         return []
+
+
+    def _relay(self, conn: socket.socket, data: bytes, fds: list[int], msg_flags: int) -> list[str]:
+        """A relayed `start` or `delete`: run it in a forked worker, which answers."""
+        from kybernate.shim.relay_worker import FALLBACK, RelayedCommand, run_relayed
+
+        for fd in fds:
+            os.close(fd)
+        stale = self._stamps.changed()
+        if stale:
+            self.retire()
+        try:
+            if stale or msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ValueError("stale template or truncated request")
+            command = RelayedCommand.decode(data)
+            peer_pid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        _PEERCRED.size))[0]
+            # One fork (each costs milliseconds here): the worker is our child, reaped
+            # after the next request or liveness check; its server is its own child.
+            if os.fork() == 0:
+                run_relayed(command, conn, peer_pid, close=(self._listener, self._lock))
+        except (ValueError, OSError):
+            try:
+                conn.send(FALLBACK)  # the command runs in its own process instead
+            except OSError:
+                pass
+        return stale
+
+
+def reap_workers() -> None:
+    """Collect the relay workers that have exited (never blocks)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def fork_detached(child: Callable[[], NoReturn]) -> int:
@@ -493,6 +538,12 @@ def run_template(flags: ShimFlags) -> int:
     if lock is None:
         return 0  # another template serves this address
     preload_server_modules()
+    # setproctitle finds the argument area through the environment the first time it
+    # is used: now, while the environment is still the template's own (a relay worker
+    # takes on containerd's before it forks a server, which then sets its title).
+    from setproctitle import getproctitle
+
+    getproctitle()
     stamps = SourceStamps.capture(list(sys.modules.values()))
     listener = bind_template_socket(path)
     template = Template(containerd_address=flags.address, socket_path=path, listener=listener,

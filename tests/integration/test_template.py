@@ -210,3 +210,38 @@ def test_nothing_of_the_template_outlives_its_containerd(busybox_archive: Path) 
     assert not alive(template)
     assert not os.path.exists(path)
     assert instance.template_pids() == []
+
+
+def _delete_command(ctd: Containerd, bundle: Path) -> list[str]:
+    """The shim's `delete` as containerd runs it, with -X importtime on stderr."""
+    return [sys.executable, "-X", "importtime", "-m", "kybernate.shim", "-namespace", ctd.namespace,
+            "-address", ctd.address, "-publish-binary", "/usr/bin/containerd", "-id",
+            f"kyb-tpl-gone-{uuid.uuid4().hex[:6]}", "-bundle", str(bundle), "delete"]
+
+
+def test_delete_is_relayed_to_the_template_and_runs_alone_without_one(
+        ctd: Containerd, container_ids: list[str], tmp_path: Path) -> None:
+    import subprocess
+
+    from kybernate.protos import shim_pb2
+
+    ctd.ctr(*RUN, "--rm", BUSYBOX_IMAGE_REF, new_id(container_ids), "true", check=True)
+    template = wait_for_template(ctd)
+    relayed = subprocess.run(_delete_command(ctd, tmp_path), capture_output=True, timeout=60, check=False,
+                             env={**os.environ, "TTRPC_ADDRESS": ctd.address + ".ttrpc"})
+    assert relayed.returncode == 0, relayed.stderr
+    assert shim_pb2.DeleteResponse.FromString(relayed.stdout).exit_status == 137
+    imports = relayed.stderr.decode()
+    assert "kybernate.shim.relay" in imports and "kybernate.shim.delete" not in imports
+    assert ctd.template_pids() == [template]
+
+    # Without a template the command does the work itself, with the same answer.
+    os.kill(template, 15)
+    deadline = time.monotonic() + 10
+    while alive(template):
+        assert time.monotonic() < deadline, "template did not stop"
+        time.sleep(0.05)
+    alone = subprocess.run(_delete_command(ctd, tmp_path), capture_output=True, timeout=60, check=False)
+    assert alone.returncode == 0, alone.stderr
+    assert shim_pb2.DeleteResponse.FromString(alone.stdout).exit_status == 137
+    assert "kybernate.shim.delete" in alone.stderr.decode()
