@@ -323,6 +323,8 @@ class Sample:
     # and, for Kybernate, the agent's verification (sha256 of every file).
     until_runc_restore_s: float | None = None
     agent_timings_ms: dict[str, int] | None = None
+    # From the checkpoint command's return until the agent's commit was on disk.
+    commit_after_return_s: float | None = None
     shim_phases_ms: dict[str, int] | None = None
     agent_sha256_replay_s: float | None = None
     rounds_before: int | None = None
@@ -410,7 +412,7 @@ def _timed_checkpoint_and_restore(bench: Bench, sample: Sample, container_id: st
     layer = bench.checkpoint_layer(checkpoint_ref)
     if layer is not None:
         sample.checkpoint_layer_bytes = layer[1]
-    _record_dump_breakdown(bench, sample, container_id)
+    _record_dump_breakdown(bench, sample, container_id, ended)
 
     # Restore: the original goes first, as a migration would see it.
     sample.rounds_before = bench.memhold_rounds(container_id)
@@ -439,11 +441,14 @@ def _timed_checkpoint_and_restore(bench: Bench, sample: Sample, container_id: st
     return checkpoint_window, (started, ended)
 
 
-def _record_dump_breakdown(bench: Bench, sample: Sample, container_id: str) -> None:
+def _record_dump_breakdown(bench: Bench, sample: Sample, container_id: str, checkpoint_ended: float) -> None:
     if sample.runtime == "kybernate":
+        # Checkpoint returns once the images are in containerd's path; the agent's
+        # own commit (fsync, metadata.json, seal) follows after containerd's resume.
+        committed_at = wait_for(f"the agent's commit of {container_id}",
+                                lambda: bool(bench.committed_of(container_id)), timeout=300)
+        sample.commit_after_return_s = committed_at - checkpoint_ended
         committed = bench.committed_of(container_id)
-        if not committed:
-            raise RuntimeError(f"the agent committed no checkpoint of {container_id}")
         metadata = json.loads((committed[-1] / "metadata.json").read_text())
         timings = {k: int(v) for k, v in metadata.get("timings_ms", {}).items()}
         sample.agent_timings_ms = timings

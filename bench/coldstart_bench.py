@@ -19,7 +19,7 @@ For each size and round, one checkpoint per runtime, then every restore path of 
 | kybernate local, ctr | `ctr container restore --live C REF` |
 | kybernate S3 | as the annotation path, through another agent (another node) that has only the bucket: it downloads, verifies, restores |
 | runc, ctr | `ctr container restore --live C REF` under io.containerd.runc.v2 (the baseline) |
-| kybernate lazy | not built yet: recorded as null |
+| kybernate lazy | as the annotation path, with `io.kybernate.restore.lazy=true`: CRIU's lazy pages, the task answers while its memory is still arriving |
 
 The checkpoint is `ctr container checkpoint --task C REF` (leave running) of the cold
 container once it has answered. Sizes measured from S3 checkpoint through an agent with
@@ -199,13 +199,18 @@ class World:
         return [a for a in (self.agent, self.uploader, self.node_b) if a is not None]
 
     @staticmethod
-    def committed_of(agent: AgentProcess, container_id: str) -> Path:
-        for directory in reversed(agent.committed_checkpoints()):
-            with contextlib.suppress(OSError, ValueError):
-                metadata = json.loads((directory / "metadata.json").read_text())
-                if metadata.get("container", {}).get("id") == container_id:
-                    return directory
-        raise RuntimeError(f"the agent committed no checkpoint of {container_id}")
+    def committed_of(agent: AgentProcess, container_id: str, timeout: float = 300.0) -> Path:
+        """The agent's committed copy (its commit follows the Checkpoint call's return)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for directory in reversed(agent.committed_checkpoints()):
+                with contextlib.suppress(OSError, ValueError):
+                    metadata = json.loads((directory / "metadata.json").read_text())
+                    if metadata.get("container", {}).get("id") == container_id:
+                        return directory
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the agent committed no checkpoint of {container_id}")
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -328,7 +333,6 @@ def measure_round(world: World, size_mib: int, round_index: int, order: Sequence
                 record.cold[name].error = f"after the cold start: {err}"
     if len(answers) == 2:
         record.cold_answers_identical = len(set(answers.values())) == 1
-    record.restores["kybernate_lazy"] = Start(path="kybernate_lazy", error="not built yet")
     return record
 
 
@@ -382,7 +386,8 @@ def _cold_checkpoint_restores(world: World, record: Round, runtime: str, name: s
         record.checkpoint_bytes = sum(int(entry["size"]) for entry in metadata["files"].values())
         if s3 and world.s3_url is not None:
             # The upload first, so that no restore below runs beside it.
-            record.upload_wait_s = wait_uploaded(agent, checkpoint_name) - checkpointed_at
+            record.upload_wait_s = wait_uploaded(
+                agent, f"{world.containerd.namespace}/{checkpoint_name}") - checkpointed_at
             record.s3_ranged_download_s, record.s3_single_get_download_s = s3_download_seconds(
                 world.s3_url, str(metadata["id"]), world.workdir)
         restore("kybernate_local_ctr", ["container", "restore", "--live", container_id, checkpoint_ref],
@@ -392,6 +397,11 @@ def _cold_checkpoint_restores(world: World, record: Round, runtime: str, name: s
                 ["run", "-d", *run_options(runtime, agent), "--annotation",
                  f"io.kybernate.restore-from={checkpoint_name}", SERVER_IMAGE_REF, annotated,
                  *server_argv(size_mib, port)], annotated)
+        lazy = f"{container_id}-l"
+        restore("kybernate_lazy",
+                ["run", "-d", *run_options(runtime, agent), "--annotation",
+                 f"io.kybernate.restore-from={checkpoint_name}", "--annotation", "io.kybernate.restore.lazy=true",
+                 SERVER_IMAGE_REF, lazy, *server_argv(size_mib, port)], lazy)
         if s3 and world.node_b is not None:
             from_s3 = f"{container_id}-s3"
             restore("kybernate_s3",
@@ -404,7 +414,8 @@ def _cold_checkpoint_restores(world: World, record: Round, runtime: str, name: s
 
 
 def wait_uploaded(agent: AgentProcess, checkpoint_name: str, timeout: float = 900.0) -> float:
-    """When the agent's registry stopped calling the checkpoint dirty (monotonic)."""
+    """When the agent's registry stopped calling the checkpoint (namespace/name) dirty
+    (monotonic)."""
     from kybernate.api.client import AgentClient
     from kybernate.protos import agent_pb2
 

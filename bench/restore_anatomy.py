@@ -176,6 +176,7 @@ class Sample:
     agent_timings_ms: dict[str, int] | None = None
     shim_phases_ms: dict[str, int] | None = None
     prepare_restore_s: list[float] = field(default_factory=list)  # the agent's RPC, twice
+    prepare_restore_sealed_s: list[float] = field(default_factory=list)  # by id: the seals, twice
     verify_in_process_s: list[float] = field(default_factory=list)  # commit.verify, twice
     checkpoint_bytes: int | None = None
     error: str | None = None
@@ -190,15 +191,22 @@ def keep_log(text: str, logs_dir: Path, name: str) -> str:
     return text
 
 
-def prepare_restore_seconds(bench: Bench, directory: Path) -> float:
+def prepare_restore_seconds(bench: Bench, directory: Path, *, sealed: bool = False) -> float:
+    """The agent's PrepareRestore of a committed checkpoint: given as a directory (no
+    seal is consulted: every file is hashed), or by registry id (`sealed`: the seals
+    of the local copy stand in for the hash)."""
     from kybernate.api.client import AgentClient
     from kybernate.protos import agent_pb2
+
+    if sealed:
+        request = agent_pb2.PrepareRestoreRequest(checkpoint=directory.name, namespace=bench.containerd.namespace)
+    else:
+        request = agent_pb2.PrepareRestoreRequest(directory=str(directory))
 
     async def call() -> float:
         async with AgentClient(bench.agent.socket) as client:
             started = time.monotonic()
-            await client.prepare_restore(agent_pb2.PrepareRestoreRequest(directory=str(directory)),
-                                         timeout=600)
+            await client.prepare_restore(request, timeout=600)
             return time.monotonic() - started
     return asyncio.run(call())
 
@@ -256,6 +264,9 @@ def measure(bench: Bench, runtime: str, size_mib: int, round_index: int, logs_di
                 sample.dump_log = criu_log_anatomy(keep_log(dump_log.text, logs_dir, f"dump-{tag}.log"),
                                                    DUMP_MILESTONES)
                 if runtime == "kybernate":
+                    # The agent commits after containerd's resume, once Checkpoint returned.
+                    wait_for(f"the agent's commit of {container_id}",
+                             lambda: bool(bench.committed_of(container_id)), timeout=300)
                     committed = bench.committed_of(container_id)[-1]
                     metadata = json.loads((committed / "metadata.json").read_text())
                     sample.agent_timings_ms = {k: int(v) for k, v in metadata.get("timings_ms", {}).items()}
@@ -286,10 +297,11 @@ def measure(bench: Bench, runtime: str, size_mib: int, round_index: int, logs_di
             committed = bench.committed_of(container_id)[-1]
             for _ in range(2):
                 sample.prepare_restore_s.append(prepare_restore_seconds(bench, committed))
+                sample.prepare_restore_sealed_s.append(prepare_restore_seconds(bench, committed, sealed=True))
                 sample.verify_in_process_s.append(verify_seconds(committed))
         print(f"  {tag}: checkpoint {sample.checkpoint_s:.2f}s restore {sample.restore_s:.2f}s; CRIU dump "
               f"{sample.dump_log.get('total_s')}s restore {sample.restore_log.get('total_s')}s; "
-              f"PrepareRestore {sample.prepare_restore_s}", flush=True)
+              f"PrepareRestore {sample.prepare_restore_s}, sealed {sample.prepare_restore_sealed_s}", flush=True)
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired, OSError) as err:
         sample.error = str(err)
         print(f"  {tag}: FAILED: {err}", file=sys.stderr)

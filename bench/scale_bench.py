@@ -107,8 +107,7 @@ class World:
 @contextlib.contextmanager
 def scale_world(workdir: Path, budget_bytes: int) -> Iterator[World]:
     archive = build_oci_archive(workdir / "scale-oci.tar", IMAGE_REF, extra_files=memhold_files())
-    # extra_toml lands inside the agent config's [checkpoint] table (written last there).
-    with (running_agent(workdir, "scale", extra_toml=f"memory_budget_bytes = {budget_bytes}\n") as agent,
+    with (running_agent(workdir, "scale", memory_budget_bytes=budget_bytes) as agent,
           private_containerd_with_image(archive, IMAGE_REF) as containerd):
         yield World(containerd=containerd, agent=agent, workdir=workdir, budget_bytes=budget_bytes)
 

@@ -74,6 +74,8 @@ MINIMUM_RUNS = 20  # issue 2: at least this many timed runs per runtime
 SHIM_BINARIES = {RUNC: "containerd-shim-runc-v2", KYBERNATE: "containerd-shim-kybernate-v1"}
 # What each of Kybernate's commands imports beyond its entry module, lazy imports included.
 KYBERNATE_COMMAND_MODULES = {
+    # containerd's command process when a template runs: the entry and the relay (relay.py).
+    "relayed": ("kybernate.shim.relay",),
     "start": ("kybernate.shim.start",),
     "delete": ("kybernate.shim.delete", "kybernate.shim.start", "kybernate.runtime.mount"),
     "serve": ("kybernate.shim.server", "kybernate.runtime.reaper", "kybernate.shim.events",
