@@ -15,7 +15,8 @@ io.containerd.kybernate.v1:
    modules Kybernate's `start`, `delete` and `serve` commands load.
 
 Results go to DIR/shim-<UTC stamp>.json and DIR/shim-latest.json, with the ratios
-Kybernate/runc and the issue's targets (latency <= 1.25x, PSS <= 1.5x). Everything the
+Kybernate/runc and the issues' targets (latency <= 1.15x, PSS per shim <= 1.5x, PSS
+per container with the template <= 1.25x). Everything the
 run created is removed however it ends, Ctrl-C included. Nothing here asserts on a
 timing: a benchmark records, it does not judge.
 """
@@ -67,8 +68,9 @@ KYBERNATE = "io.containerd.kybernate.v1"
 RUNTIMES = (RUNC, KYBERNATE)
 SHORT_NAMES = {RUNC: "runc", KYBERNATE: "kyb"}
 
-LATENCY_TARGET = 1.25  # issue 2: median `ctr run --rm` at most 1.25x runc's
+LATENCY_TARGET = 1.15  # issue 9: median `ctr run --rm` at most 1.15x runc's (issue 2 had 1.25x)
 PSS_TARGET = 1.5  # issue 2: median shim PSS at most 1.5x runc's
+PSS_PER_CONTAINER_TARGET = 1.25  # issue 9: PSS per container, the template counted
 MINIMUM_RUNS = 20  # issue 2: at least this many timed runs per runtime
 
 SHIM_BINARIES = {RUNC: "containerd-shim-runc-v2", KYBERNATE: "containerd-shim-kybernate-v1"}
@@ -461,7 +463,7 @@ def ratios_and_targets(latency: dict[str, Any], memory: dict[str, Any]) -> dict[
                                    if kyb_share is not None and runc_share is not None else None)
     targets = [Target("latency median ratio kybernate/runc", LATENCY_TARGET, values["latency"]),
                Target("PSS median ratio kybernate/runc", PSS_TARGET, values["pss"]),
-               Target("PSS per container, template included, kybernate/runc", PSS_TARGET,
+               Target("PSS per container, template included, kybernate/runc", PSS_PER_CONTAINER_TARGET,
                       values["pss_with_template"])]
     return {"ratios_kybernate_over_runc": values, "targets": [t.as_dict() for t in targets]}
 
