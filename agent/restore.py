@@ -30,9 +30,9 @@ from kybernate.agent.inuse import InUse
 from kybernate.agent.local_tier import LocalTier
 from kybernate.agent.registry import CheckpointRow, CheckpointState, Registry, Tier, split_reference
 from kybernate.agent.remote import RemoteTier
-from kybernate.api.layout import METADATA_FILE
 from kybernate.agent.verification import PendingVerifications, deferrable
 from kybernate.api import layout
+from kybernate.api.layout import METADATA_FILE
 from kybernate.errors import DataLoss, FailedPrecondition, InvalidArgument, KybernateError, NotFound
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ from tests.support.agent import AgentProcess, running_agent, temporary_workdir
 from tests.support.containerd import KYBERNATE_RUNTIME, Containerd
 from tests.support.events import CtrEvents
 from tests.support.images import build_oci_archive, import_image
-from tests.support.waiting import wait_for as _wait
 from tests.support.processes import GONE
+from tests.support.waiting import wait_for as _wait
 from tests.support.workloads import memhold_files
 
 pytestmark = pytest.mark.integration
