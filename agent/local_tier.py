@@ -29,6 +29,10 @@ class CommitsInFlight:
         self._commits: dict[str, asyncio.Future[Any]] = {}
 
     def add(self, checkpoint_id: str, done: asyncio.Future[Any]) -> None:
+        """Track `done` unless a wider wait (the whole export, thaw and commit) already
+        covers this checkpoint."""
+        if checkpoint_id in self._commits:
+            return
         self._commits[checkpoint_id] = done
         done.add_done_callback(lambda _: self._commits.pop(checkpoint_id, None))
 

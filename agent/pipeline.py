@@ -187,6 +187,10 @@ class CheckpointPipeline:
             self._deps.metrics.checkpoint_finished("failed")
             return
         deadline_passed = False
+        # Resolved once the commit is over, however it ends: from EXPORTED on, the
+        # caller may have gone on, and a restore by name waits for this instead of
+        # finding a staging row.
+        committing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             try:
                 async with asyncio.timeout(plan.deadline_s):
@@ -197,6 +201,7 @@ class CheckpointPipeline:
                 raise DeadlineExceeded(
                     f"checkpoint of {plan.container_id} passed its deadline of {plan.deadline_s:.1f}s"
                     f" while the container was {self._condition.value}") from None
+            self._deps.local.in_flight.add(plan.checkpoint_id, committing)
             await self._export()
             await self._await_thaw()
             await self._commit()
@@ -210,6 +215,8 @@ class CheckpointPipeline:
         except Exception as exc:  # a bug, but the shim still needs an answer
             log.exception("checkpoint %s failed", plan.checkpoint_id)
             await self._fail(exc)
+        finally:
+            committing.set_result(None)
 
     async def _execute(self) -> None:
         """Everything up to complete data and a container back as it was (or exited)."""

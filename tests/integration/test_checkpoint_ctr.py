@@ -214,7 +214,7 @@ def test_container_checkpoint_and_live_restore(containerd: AgentContainerd, agen
     assert containerd.task_status(container_id) == "RUNNING"
     _wait("the counter after the checkpoint",
           lambda: _count(containerd, container_id) > count_before + 3)
-    committed = agent.committed_checkpoints()
+    committed = agent.settled_checkpoints()
     assert committed, "the agent committed nothing"
     assert json.loads((committed[-1] / "metadata.json").read_text())["container"]["id"] == container_id
 

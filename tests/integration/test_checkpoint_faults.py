@@ -836,6 +836,6 @@ def test_a_checkpoint_of_a_container_paused_without_a_gpu_lock_leaves_no_lock(
     ctd.wait_task_status(container_id, "RUNNING", timeout=10)
     assert freezer_state(ctd, container_id) == "THAWED"
     assert fake_cuda_state(agent, token) == "RUNNING", "no CUDA lock is left behind"
-    assert len(agent.committed_checkpoints()) == len(committed_before) + 1
+    assert len(agent.settled_checkpoints()) == len(committed_before) + 1
     if out.strip():
         ctd.ctr("images", "rm", out.strip().splitlines()[-1], timeout=30)

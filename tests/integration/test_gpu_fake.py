@@ -123,7 +123,7 @@ def dump_time(checkpoint: Path) -> float:
 
 
 def committed_metadata(agent: AgentProcess) -> tuple[Path, dict[str, Any]]:
-    committed = agent.committed_checkpoints()
+    committed = agent.settled_checkpoints()
     assert len(committed) == 1, f"want one committed checkpoint, have {committed}"
     return committed[0], json.loads((committed[0] / "metadata.json").read_text())
 

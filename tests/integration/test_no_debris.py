@@ -96,5 +96,5 @@ def test_thirty_cycles_leave_nothing_behind(ctd: Containerd, agent: AgentProcess
     assert _mounts(ctd) == mounts
     assert _fds(agent.process.pid) <= agent_fds + FD_SLACK, "the agent leaks file descriptors"
     assert _fds(ctd.pid) <= containerd_fds + FD_SLACK, "containerd keeps descriptors of our shims"
-    committed = agent.committed_checkpoints()
+    committed = agent.settled_checkpoints()
     assert len(committed) == CYCLES, f"{len(committed)} checkpoints committed for {CYCLES} cycles"

@@ -170,6 +170,17 @@ class AgentProcess:
         return sorted(p for p in self.local_tier.iterdir()
                       if p.is_dir() and not p.name.startswith(".") and (p / "metadata.json").exists())
 
+    def settled_checkpoints(self, timeout: float = 60.0) -> list[Path]:
+        """`committed_checkpoints` once no checkpoint is still committing: Checkpoint
+        returns at EXPORTED (containerd has the images) and the agent's commit (fsync,
+        seal) follows once the task runs again."""
+        deadline = time.monotonic() + timeout
+        while self.registry_sql("SELECT id FROM checkpoints WHERE state = 'staging'"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"a checkpoint was still committing after {timeout:.0f}s")
+            time.sleep(0.05)
+        return self.committed_checkpoints()
+
 
 def make_workdir(prefix: str = "kyb-agent") -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-"))
