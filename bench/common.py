@@ -128,8 +128,19 @@ def machine_info(tools: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         "load_average_at_start": list(os.getloadavg()),
         "python": sys.version.split()[0],
         "python_executable": sys.executable,
+        "kybernate_install": kybernate_install(),
         "versions": {name: command_version(argv) for name, argv in tools.items()},
     }
+
+
+def kybernate_install() -> str:
+    """"wheel" when Kybernate is imported from site-packages, else "editable" (the
+    source tree): an editable install puts an import finder in every interpreter's
+    `site` (~16 ms per shim command here) that users of `pip install .` never pay, so
+    shim timings compare only between runs of the same kind."""
+    import kybernate
+
+    return "wheel" if "site-packages" in Path(kybernate.__file__).parts else "editable"
 
 
 def _cpu_model() -> str:

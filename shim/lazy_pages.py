@@ -66,7 +66,10 @@ class LazyPagesDaemon:
         socket_path = self._work / SOCKET_NAME
         socket_path.unlink(missing_ok=True)
         child = self._reaper.spawn([self._criu, "lazy-pages", "--images-dir", str(self._images),
-                                    "--work-dir", str(self._work), "--log-file", LOG_NAME, "-v4"])
+                                    "--work-dir", str(self._work), "--log-file", LOG_NAME,
+                                    # -v4 writes a line per fault and per transfer: on the
+                                    # path of every page the task waits for.
+                                    "-v2"])
         self.pid = child.pid
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
         while not socket_path.exists():

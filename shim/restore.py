@@ -83,11 +83,16 @@ class AgentRestore:
         try:
             return await self._restore(process, prepare, socket)
         finally:
-            # Deleting GBs of page cache takes a while: not on the way to Running
-            # (Delete awaits it).
-            removal = self._in_background(self._remove_copy(process), f"release-{process.id}")
-            self._releasing[process.id] = removal
-            removal.add_done_callback(lambda _: self._releasing.pop(process.id, None))
+            self._start_release(process)
+
+    def _start_release(self, process: InitProcess) -> None:
+        """Remove containerd's copy in the background: deleting GBs of page cache takes
+        a while, not on the way to Running (Delete awaits it)."""
+        if process.id in self._releasing:
+            return
+        removal = self._in_background(self._remove_copy(process), f"release-{process.id}")
+        self._releasing[process.id] = removal
+        removal.add_done_callback(lambda _: self._releasing.pop(process.id, None))
 
     def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work, name=name)
@@ -126,6 +131,11 @@ class AgentRestore:
             prepared = await client.prepare_restore(prepare, timeout=PREPARE_TIMEOUT_S)
             image_dir = Path(prepared.image_dir)
             metadata = _metadata(prepared)
+            copy = containerd_checkpoint_dir(source)
+            if copy is not None and not image_dir.resolve().is_relative_to(copy.resolve()):
+                # The agent restores its sealed copy instead: containerd's is not needed,
+                # and the memory its page cache holds is what CRIU is about to allocate.
+                self._start_release(process)
             log.info("restore of %s: checkpoint %s verified at %s%s", process.id,
                      prepared.checkpoint_id or source, image_dir,
                      f" (still hashing {', '.join(prepared.deferred_files)})" if prepared.verification_id else "")

@@ -223,6 +223,11 @@ def test_container_checkpoint_and_live_restore(containerd: AgentContainerd, agen
                             timeout=120)
     assert result.returncode == 0, _fail_with_logs(containerd, agent, "restore", result)
     assert containerd.task_status(container_id) == "RUNNING"
+    # containerd's unpacked copy of a checkpoint this node sealed is swapped for the
+    # sealed copy, and removed at once: its memory is what CRIU allocates next.
+    assert "sealed in the local tier; restoring that" in agent.log()
+    _wait("containerd's copy to be removed", lambda: f"restore of {container_id}: removed containerd's checkpoint"
+          in containerd.log_path.read_text(errors="replace"))
     _assert_continues(containerd, container_id, count_at_least=count_before, rounds_above=rounds_before)
     rootfs = containerd.bundle(container_id) / "rootfs"
     assert (rootfs / "tmp" / "before").read_text() == "written-before\n"
