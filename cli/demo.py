@@ -28,6 +28,7 @@ CONTAINER = "kybernate-demo"
 CHECKPOINT_REF = "kybernate.io/demo/counter:checkpoint"
 COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done")
 AGENT_START_TIMEOUT_S = 30.0
+COMMIT_WAIT_S = 30.0
 
 
 class DemoFailed(Exception):
@@ -130,9 +131,16 @@ def run_demo(base: Path) -> None:
             containerd.ctr("container", "checkpoint", "--task", "--rw", CONTAINER, CHECKPOINT_REF,
                            timeout=180, check=True)
             counts["checkpointed"] = _read_count(containerd, "after-checkpoint")
-            listing = subprocess.run(
-                [sys.executable, "-m", "kybernate", "checkpoint", "list", "--socket", str(agent.socket)],
-                capture_output=True, text=True, check=False).stdout.strip()
+            # ctr returns once containerd has the images; the agent's own commit (fsync,
+            # seal) follows as the container runs again: list it once that is done.
+            deadline = time.monotonic() + COMMIT_WAIT_S
+            while True:
+                listing = subprocess.run(
+                    [sys.executable, "-m", "kybernate", "checkpoint", "list", "--socket", str(agent.socket)],
+                    capture_output=True, text=True, check=False).stdout.strip()
+                if " staging " not in listing or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
             print("\n".join(f"      | {line}" for line in listing.splitlines()))
             return (f"ctr container checkpoint --task --rw -> {CHECKPOINT_REF}; the container "
                     f"kept running (count now {counts['checkpointed']})")
