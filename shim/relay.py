@@ -49,7 +49,9 @@ def template_socket_path(containerd_address: str, executable: str) -> str:
 
 
 def read_stdin() -> bytes:
-    """Everything containerd wrote on stdin (the create options), b"" for a terminal."""
+    """Everything containerd wrote on stdin: the create options Any, or (2.3 and newer)
+    the bootstrap parameters holding them (see start_params.py); b"" for a terminal or
+    none."""
     try:
         if os.isatty(0):
             return b""

@@ -105,17 +105,6 @@ def write_address_file(bundle: str, address: str) -> None:
     os.replace(tmp, target)
 
 
-def read_stdin_options() -> bytes:
-    """What containerd writes on stdin: the create options Any, or (2.3 and newer) the
-    bootstrap parameters holding them (see start_params.py); b"" when nothing."""
-    try:
-        if os.isatty(0):
-            return b""
-        return sys.stdin.buffer.read()
-    except (OSError, ValueError, AttributeError):
-        return b""
-
-
 def adjust_oom_score(child_pid: int, parent_pid: int) -> None:
     """Give the shim containerd's oom_score_adj + 1, so the OOM killer prefers the shim."""
     with open(f"/proc/{parent_pid}/oom_score_adj") as f:
@@ -254,7 +243,9 @@ def serve_group(flags: ShimFlags, *, containerd_pid: int, options_bytes: bytes |
         raise ValueError("-address is required for start")
     bundle = flags.bundle_path
     # Relayed through the template, the command process read stdin for us.
-    stdin = read_stdin_options() if options_bytes is None else options_bytes
+    from kybernate.shim.relay import read_stdin
+
+    stdin = read_stdin() if options_bytes is None else options_bytes
     params = None
     if stdin:
         from kybernate.shim.start_params import parse_start_stdin

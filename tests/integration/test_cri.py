@@ -39,12 +39,8 @@ def cri(busybox_archive: Path) -> Iterator[CriSandbox]:
 @pytest.fixture
 def pods(cri: CriSandbox) -> Iterator[list[str]]:
     """Sandbox ids a test ran; whatever is left of them is removed afterwards."""
-    ran: list[str] = []
-    yield ran
-    existing = {pod.id for pod in cri.pods()}
-    for sandbox_id in ran:
-        if sandbox_id in existing:
-            cri.remove_pod(sandbox_id)
+    with cri.pods_removed_after() as ran:
+        yield ran
 
 
 def container_info(cri: CriSandbox, container_id: str) -> tuple[object, dict]:

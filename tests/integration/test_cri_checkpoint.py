@@ -76,12 +76,9 @@ def pod_network(cri: CriSandbox) -> Iterator[PodNetwork]:
 
 @pytest.fixture
 def pods(cri: CriSandbox) -> Iterator[list[str]]:
-    ran: list[str] = []
-    yield ran
-    existing = {pod.id for pod in cri.pods()}
-    for sandbox_id in ran:
-        if sandbox_id in existing:
-            cri.remove_pod(sandbox_id)
+    """Sandbox ids a test ran; whatever is left of them is removed afterwards."""
+    with cri.pods_removed_after() as ran:
+        yield ran
 
 
 def count_of(cri: CriSandbox, container_id: str) -> int:

@@ -216,6 +216,19 @@ class CriSandbox:
         return list(self.client.call(self.client.runtime.ListPodSandbox,
                                      self.api.ListPodSandboxRequest()).items)
 
+    @contextlib.contextmanager
+    def pods_removed_after(self) -> Iterator[list[str]]:
+        """A list for the sandbox ids a test runs; whatever is left of them is removed
+        afterwards."""
+        ran: list[str] = []
+        try:
+            yield ran
+        finally:
+            existing = {pod.id for pod in self.pods()}
+            for sandbox_id in ran:
+                if sandbox_id in existing:
+                    self.remove_pod(sandbox_id)
+
     def leftovers(self, settle_s: float = 15.0) -> list[str]:
         """What the pods of this instance left behind, each as a readable line: pods,
         shims, runc containers, mounts, cgroups under the pods' parent. A shim exits
